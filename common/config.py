@@ -1,0 +1,126 @@
+"""Run settings shared by the coordinator and the sites.
+
+The coordinator reads them from Flower's run config (``[tool.flwr.app.config]`` or the
+values `medfed simulate` passes) and sends the parts a site needs with every round; the
+site checks them against its own policy before it trains. Validation happens on load:
+wrong types, out-of-range values and unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medfed.common.tasks import get_task_spec
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type, out of range or unknown."""
+
+
+class RunSettings(BaseModel):
+    """Everything a federated run is configured with.
+
+    Parameters
+    ----------
+    task : {"risk", "rehab"}
+        Binary disease-risk classification or rehabilitation-progress regression.
+    dataset : {"synthetic", "heart-disease"}
+        Which CSV schema the sites hold.
+    model : {"logreg", "mlp"}
+        Linear model or a small MLP (a linear/MLP regressor for ``rehab``).
+    num_rounds : int
+        Planned federated rounds; the sites calibrate their noise over all of them.
+    min_sites : int
+        Fewest sites that must accept a round for it to run (at least 2, since secure
+        aggregation of a single update would reveal it).
+    epsilon, delta : float
+        Target (epsilon, delta) that this run may spend at each site over all planned
+        rounds; each site also checks its lifetime budget.
+    local_epochs : int
+        Passes over the site's training set per round (in expectation, under Poisson
+        sampling).
+    batch_size : int
+        Expected batch size; the sampling rate is ``batch_size / n`` at each site.
+    learning_rate : float
+        SGD learning rate at the sites.
+    max_grad_norm : float
+        Per-sample gradient clipping norm.
+    seed : int
+        Seed for model initialisation and the sites' train/test splits.
+    test_fraction : float
+        Share of each site's patients held out for evaluation.
+    data_root : str
+        Simulation only: folder holding ``site-<i>`` data directories.
+    out_dir : str
+        Where the coordinator writes run.json, checkpoints and progress events.
+    secagg_timeout : float
+        Seconds each secure-aggregation stage waits for replies.
+    secagg_threshold : float
+        Share of a site's neighbours needed to unmask (SecAgg+ reconstruction threshold).
+    max_weight : float
+        Largest sample count a site may report (SecAgg+ weight quantisation bound).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: Literal["risk", "rehab"] = "risk"
+    dataset: Literal["synthetic", "heart-disease"] = "synthetic"
+    model: Literal["logreg", "mlp"] = "logreg"
+    num_rounds: int = Field(3, ge=1, le=1000)
+    min_sites: int = Field(2, ge=2)
+    epsilon: float = Field(3.0, gt=0, le=100)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    local_epochs: int = Field(1, ge=1, le=100)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(0.5, gt=0, le=100)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    data_root: str = "medfed-data/synthetic-risk"
+    out_dir: str = "medfed-runs/latest"
+    secagg_timeout: float = Field(60.0, gt=0)
+    secagg_threshold: float = Field(0.66, gt=0, le=1)
+    max_weight: float = Field(100000.0, gt=1)
+
+    @model_validator(mode="after")
+    def _task_matches_dataset(self) -> RunSettings:
+        get_task_spec(self.task, self.dataset)
+        return self
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunSettings:
+        """Build settings from a Flower run config (keys use hyphens)."""
+        return cls.from_mapping({k.replace("-", "_"): v for k, v in run_config.items()})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunSettings:
+        """Validate ``values``; raise ConfigError naming every bad key."""
+        try:
+            return cls(**dict(values))
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, "run config")) from None
+        except ValueError as exc:
+            raise ConfigError(f"run config: {exc}") from None
+
+    def to_flower(self) -> dict[str, Any]:
+        """Return the settings as a Flower run config (hyphenated keys)."""
+        return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
+
+
+def _describe(exc: ValidationError, where: str) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            parts.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+    return f"{where}: " + "; ".join(parts)
+
+
+def describe_validation_error(exc: ValidationError, where: str) -> str:
+    """One-line description of a pydantic error, naming each bad key and ``where``."""
+    return _describe(exc, where)

@@ -1,0 +1,193 @@
+"""The site privacy ledger: an append-only, hash-chained JSON Lines file.
+
+Each line is one :class:`LedgerEntry`. ``prev_hash`` holds the hash of the line before
+(``GENESIS`` for the first) and ``entry_hash`` the SHA-256 of the entry's canonical JSON
+without ``entry_hash``, so an edit, deletion, insertion or reordering breaks the chain.
+The ledger is the accountant's state: whoever reads it can recompute every epsilon from
+the raw parameters it records. Anything unreadable raises :class:`LedgerError`, and a
+site that cannot read its ledger does not train (fail closed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+from medfed.common.atomic import atomic_write_bytes
+from medfed.common.privacy import ACCOUNTANT, Spend, epsilon_of
+
+LEDGER_NAME = "ledger.jsonl"
+LEDGER_VERSION = 1
+GENESIS = "0" * 64
+EPSILON_TOLERANCE = 1e-6
+
+
+class LedgerError(ValueError):
+    """The ledger is missing, unreadable, tampered with or inconsistent."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round at one site: either a DP-SGD spend (``train``) or a refusal.
+
+    Parameters
+    ----------
+    kind : {"train", "decline"}
+        ``train`` records a spend; ``decline`` records a refused round and its reason.
+    site_id, run_id, round : identify the round.
+    dataset_fingerprint : str
+        SHA-256 of the site's training records; spends compose per fingerprint.
+    accountant : str
+        Accountant that produced ``epsilon`` (``rdp``).
+    noise_multiplier, sample_rate, steps, max_grad_norm : the mechanism's parameters.
+    delta : float
+        Delta at which ``epsilon`` is stated (the site's policy delta).
+    epsilon : float
+        Cumulative epsilon for this dataset after this entry, over all runs.
+    num_samples : int
+        Training records (patients) in the dataset.
+    samples_per_patient : int
+        Records one patient may contribute (1 unless a cap k > 1 is configured).
+    reason : str
+        Why a round was declined (empty for ``train``).
+    timestamp : str
+        UTC ISO-8601 time of writing.
+    prev_hash, entry_hash : the chain.
+    """
+
+    kind: Literal["train", "decline"]
+    site_id: str
+    run_id: str
+    round: int
+    dataset_fingerprint: str
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    epsilon: float
+    num_samples: int
+    samples_per_patient: int
+    reason: str
+    timestamp: str
+    version: int = LEDGER_VERSION
+    prev_hash: str = GENESIS
+    entry_hash: str = ""
+
+    def spend(self) -> Spend:
+        return Spend(self.noise_multiplier, self.sample_rate, self.steps)
+
+    def compute_hash(self) -> str:
+        body = {k: v for k, v in asdict(self).items() if k != "entry_hash"}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_FIELDS = {f.name for f in fields(LedgerEntry)}
+
+
+def read_ledger(path: Path) -> list[LedgerEntry]:
+    """Read and verify ``path``; an absent file is an empty ledger.
+
+    Raises LedgerError naming the file, the line and what is wrong when a line is
+    malformed, a hash or chain link does not match, or a recorded epsilon disagrees
+    with the spends before it.
+    """
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"{path}: cannot read ledger: {exc}") from None
+    entries: list[LedgerEntry] = []
+    prev = GENESIS
+    for lineno, line in enumerate(lines, start=1):
+        entry = _parse_line(path, lineno, line)
+        if entry.prev_hash != prev:
+            raise LedgerError(
+                f"{path}:{lineno}: chain broken: prev_hash {entry.prev_hash[:12]}… does "
+                f"not match the hash of the entry before ({prev[:12]}…)"
+            )
+        if entry.compute_hash() != entry.entry_hash:
+            raise LedgerError(f"{path}:{lineno}: entry_hash does not match its content")
+        entries.append(entry)
+        prev = entry.entry_hash
+    _check_epsilons(path, entries)
+    return entries
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> LedgerEntry:
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise LedgerError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise LedgerError(f"{path}:{lineno}: expected a JSON object")
+    missing = _FIELDS - raw.keys()
+    unknown = raw.keys() - _FIELDS
+    if missing or unknown:
+        raise LedgerError(
+            f"{path}:{lineno}: missing fields {sorted(missing)}, unknown {sorted(unknown)}"
+        )
+    if raw["version"] != LEDGER_VERSION:
+        raise LedgerError(f"{path}:{lineno}: unsupported ledger version {raw['version']}")
+    if raw["accountant"] != ACCOUNTANT:
+        raise LedgerError(f"{path}:{lineno}: unknown accountant {raw['accountant']!r}")
+    try:
+        return LedgerEntry(**raw)
+    except TypeError as exc:
+        raise LedgerError(f"{path}:{lineno}: {exc}") from None
+
+
+def _check_epsilons(path: Path, entries: list[LedgerEntry]) -> None:
+    """Every recorded epsilon must equal the replay of its dataset's spends so far."""
+    history: dict[str, list[Spend]] = {}
+    for lineno, entry in enumerate(entries, start=1):
+        if entry.kind != "train":
+            continue
+        spends = history.setdefault(entry.dataset_fingerprint, [])
+        spends.append(entry.spend())
+        replayed = epsilon_of(spends, entry.delta)
+        if not math.isclose(replayed, entry.epsilon, rel_tol=EPSILON_TOLERANCE):
+            raise LedgerError(
+                f"{path}:{lineno}: recorded epsilon {entry.epsilon:.6g} does not match "
+                f"the replayed accountant ({replayed:.6g})"
+            )
+
+
+def spends_for(entries: list[LedgerEntry], fingerprint: str) -> list[Spend]:
+    """All DP-SGD spends recorded for the dataset with ``fingerprint``."""
+    return [
+        e.spend()
+        for e in entries
+        if e.kind == "train" and e.dataset_fingerprint == fingerprint
+    ]
+
+
+def append_entry(path: Path, entry: LedgerEntry) -> LedgerEntry:
+    """Chain ``entry`` to the ledger at ``path`` and write it atomically.
+
+    The whole file is rewritten to a temporary file in the same folder and renamed over
+    the old one, so a crash leaves either the old ledger or the new one, never half a
+    line. Returns the entry as written (with its hashes).
+    """
+    entries = read_ledger(path)
+    prev = entries[-1].entry_hash if entries else GENESIS
+    chained = _with_hash(entry, prev)
+    old = path.read_bytes() if path.exists() else b""
+    line = json.dumps(asdict(chained), sort_keys=True) + "\n"
+    atomic_write_bytes(path, old + line.encode())
+    return chained
+
+
+def _with_hash(entry: LedgerEntry, prev: str) -> LedgerEntry:
+    data = asdict(entry)
+    data.update(prev_hash=prev, entry_hash="")
+    unhashed = LedgerEntry(**data)
+    data["entry_hash"] = unhashed.compute_hash()
+    return LedgerEntry(**data)

@@ -1,0 +1,57 @@
+"""Model definitions shared by the sites (which train them) and the coordinator.
+
+No BatchNorm anywhere: per-sample gradients under DP-SGD need every sample's
+computation to be independent of the others in its batch. The MLP uses GroupNorm,
+which Opacus' ModuleValidator accepts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODELS = ("logreg", "mlp")
+
+
+class LinearModel(nn.Module):
+    """Logistic regression (risk) or linear regression (rehab): one affine layer."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(num_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).squeeze(-1)
+
+
+class SmallMLP(nn.Module):
+    """Two hidden layers with GroupNorm and ReLU; one output (logit or value)."""
+
+    def __init__(self, num_features: int, hidden: int = 32, groups: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(num_features, hidden),
+            nn.GroupNorm(groups, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.GroupNorm(groups, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def build_model(name: str, num_features: int, seed: int) -> nn.Module:
+    """Build model ``name`` with deterministic initial weights for ``seed``."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        if name == "logreg":
+            return LinearModel(num_features)
+        if name == "mlp":
+            return SmallMLP(num_features)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    raise ValueError(f"unknown model {name!r} (expected one of {', '.join(MODELS)})")

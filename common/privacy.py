@@ -1,0 +1,73 @@
+"""Privacy accounting for DP-SGD: calibrating noise and composing spends.
+
+The accountant is Opacus' RDP accountant. Its state is a history of
+``(noise_multiplier, sample_rate, steps)`` triples; a site rebuilds it from its ledger
+before every round, so epsilon composes across rounds, runs and process restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANT = "rdp"
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One application of the subsampled Gaussian mechanism, repeated ``steps`` times."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def rebuild_accountant(spends: Iterable[Spend]) -> RDPAccountant:
+    """Return an RDP accountant whose history holds ``spends`` in order."""
+    accountant = RDPAccountant()
+    accountant.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in spends]
+    return accountant
+
+
+def epsilon_of(spends: Iterable[Spend], delta: float) -> float:
+    """Epsilon at ``delta`` after composing every spend (0.0 when there are none)."""
+    accountant = rebuild_accountant(spends)
+    if not accountant.history:
+        return 0.0
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int
+) -> float:
+    """Smallest noise multiplier that keeps ``steps`` steps within ``target_epsilon``."""
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=ACCOUNTANT,
+            epsilon_tolerance=0.005,
+        )
+    )
+
+
+def steps_per_round(num_samples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
+    """Sampling rate and number of DP-SGD steps a site takes in one round.
+
+    Under Poisson sampling each step draws every patient with probability
+    ``batch_size / n``; ``local_epochs`` expected passes need ``epochs / q`` steps.
+    """
+    if num_samples <= 0:
+        raise ValueError("a site needs at least one training record")
+    sample_rate = min(1.0, batch_size / num_samples)
+    steps = max(1, round(local_epochs / sample_rate))
+    return sample_rate, steps
