@@ -7,6 +7,7 @@ before every round, so epsilon composes across rounds, runs and process restarts
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -63,11 +64,11 @@ def calibrate_noise(
 def steps_per_round(num_samples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
     """Sampling rate and number of DP-SGD steps a site takes in one round.
 
-    Under Poisson sampling each step draws every patient with probability
-    ``batch_size / n``; ``local_epochs`` expected passes need ``epochs / q`` steps.
+    Mirrors Opacus' Poisson loader: with ``b = ceil(n / batch_size)`` batches per
+    epoch, each step draws every patient independently with probability ``1 / b``,
+    and ``local_epochs`` epochs take ``local_epochs * b`` steps.
     """
     if num_samples <= 0:
         raise ValueError("a site needs at least one training record")
-    sample_rate = min(1.0, batch_size / num_samples)
-    steps = max(1, round(local_epochs / sample_rate))
-    return sample_rate, steps
+    batches = math.ceil(num_samples / batch_size)
+    return 1.0 / batches, local_epochs * batches

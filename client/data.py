@@ -1,0 +1,231 @@
+"""A site's clinical CSV: validation, encoding, train/test split and fingerprint.
+
+Rows that fail validation are skipped and *counted*, each with the file line and column
+that was wrong; missing columns or an unreadable file stop the site with a
+:class:`DataError`. One row is one patient: a repeated patient id is skipped, so that
+DP-SGD's unit of privacy is a patient and not a record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from medfed.common.tasks import Column, TaskSpec
+
+HEADER_LINES = 1
+
+
+class DataError(ValueError):
+    """The site's data cannot be used at all (missing file or columns, no valid rows)."""
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row left out of training, with the file line, column and reason."""
+
+    line: int
+    column: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}, column '{self.column}': {self.reason}"
+
+
+@dataclass
+class SiteData:
+    """Validated, encoded records of one site.
+
+    ``X`` holds features scaled by public ranges, ``y`` the target (0/1 for risk, the
+    progress score scaled to [0, 1] for rehab), ``ids`` the patient identifiers (which
+    never leave the site).
+    """
+
+    spec: TaskSpec
+    path: Path
+    ids: list[str]
+    X: np.ndarray
+    y: np.ndarray
+    total_rows: int
+    skipped: list[SkippedRow] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: np.ndarray) -> SiteData:
+        return SiteData(
+            spec=self.spec,
+            path=self.path,
+            ids=[self.ids[i] for i in index],
+            X=self.X[index],
+            y=self.y[index],
+            total_rows=len(index),
+        )
+
+
+def load_site_data(path: Path, spec: TaskSpec, strict: bool = False) -> SiteData:
+    """Read and validate ``path`` against ``spec``.
+
+    With ``strict`` the first bad row raises DataError instead of being skipped.
+    """
+    frame = _read_csv(path)
+    missing = [c for c in spec.required_columns() if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing required column(s) {', '.join(missing)} "
+            f"(found: {', '.join(frame.columns) or 'none'})"
+        )
+    ids, rows, targets, skipped = [], [], [], []
+    seen: set[str] = set()
+    for i, record in enumerate(frame.to_dict("records")):
+        line = i + 1 + HEADER_LINES
+        try:
+            pid = _patient_id(record, spec, line, seen)
+            features = [_encode(col, record[col.name]) for col in spec.columns]
+            target = _encode_target(spec, record[spec.target.name])
+        except _BadCell as bad:
+            skip = SkippedRow(line, bad.column, bad.reason)
+            if strict:
+                raise DataError(f"{path}: {skip}") from None
+            skipped.append(skip)
+            continue
+        seen.add(pid)
+        ids.append(pid)
+        rows.append(np.concatenate(features))
+        targets.append(target)
+    if not rows:
+        raise DataError(f"{path}: no valid rows ({len(skipped)} skipped; first: "
+                        f"{skipped[0] if skipped else 'file is empty'})")
+    return SiteData(
+        spec=spec,
+        path=path,
+        ids=ids,
+        X=np.asarray(rows, dtype=np.float32),
+        y=np.asarray(targets, dtype=np.float32),
+        total_rows=len(frame),
+        skipped=skipped,
+    )
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: site data file not found")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+class _BadCell(Exception):
+    def __init__(self, column: str, reason: str) -> None:
+        super().__init__(reason)
+        self.column, self.reason = column, reason
+
+
+def _patient_id(record: dict, spec: TaskSpec, line: int, seen: set[str]) -> str:
+    if spec.id_column is None:
+        return f"row-{line}"
+    pid = str(record[spec.id_column]).strip()
+    if not pid:
+        raise _BadCell(spec.id_column, "empty patient id")
+    if pid in seen:
+        raise _BadCell(spec.id_column, "duplicate patient id (one record per patient)")
+    return pid
+
+
+def _number(col: Column, raw: object) -> float | None:
+    text = str(raw).strip()
+    if text == "" or text.lower() in {"nan", "na", "?"}:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise _BadCell(col.name, f"expected a number, got {text!r}") from None
+    if not np.isfinite(value):
+        raise _BadCell(col.name, f"expected a finite number, got {text!r}")
+    if col.zero_is_missing and value == 0:
+        return None
+    return value
+
+
+def _checked(col: Column, raw: object) -> float | None:
+    value = _number(col, raw)
+    if value is None:
+        if not col.nullable:
+            raise _BadCell(col.name, "missing value")
+        return None
+    if col.kind == "categorical" and value not in col.categories:
+        raise _BadCell(col.name, f"expected one of {list(col.categories)}, got {value:g}")
+    if col.kind == "binary" and value not in (0, 1):
+        raise _BadCell(col.name, f"expected 0 or 1, got {value:g}")
+    if not col.low <= value <= col.high:
+        raise _BadCell(col.name, f"value {value:g} outside [{col.low:g}, {col.high:g}]")
+    return value
+
+
+def _encode(col: Column, raw: object) -> np.ndarray:
+    value = _checked(col, raw)
+    is_missing = value is None
+    if is_missing:
+        value = col.fill
+    if col.kind == "categorical":
+        out = [1.0 if (not is_missing and value == c) else 0.0 for c in col.categories]
+    elif col.kind == "binary":
+        out = [float(value)]
+    else:
+        out = [2.0 * (value - col.low) / (col.high - col.low) - 1.0]
+    if col.nullable:
+        out.append(1.0 if is_missing else 0.0)
+    return np.asarray(out, dtype=np.float32)
+
+
+def _encode_target(spec: TaskSpec, raw: object) -> float:
+    value = _checked(spec.target, raw)
+    assert value is not None
+    if spec.positive_above is not None:
+        return float(value > spec.positive_above)
+    if spec.is_binary:
+        return float(value)
+    return (value - spec.target.low) / (spec.target.high - spec.target.low)
+
+
+def decode_target(spec: TaskSpec, y: np.ndarray) -> np.ndarray:
+    """Map a scaled regression target back to its clinical units."""
+    return y * (spec.target.high - spec.target.low) + spec.target.low
+
+
+def split_train_test(
+    data: SiteData, test_fraction: float, seed: int
+) -> tuple[SiteData, SiteData]:
+    """Deterministic patient-level split (stratified for binary targets where possible).
+
+    The split depends only on the data and ``seed``, so the training set, and with it
+    the dataset fingerprint, is the same in every run.
+    """
+    order = np.argsort(np.asarray(data.ids, dtype=object).astype(str), kind="stable")
+    stratify = None
+    if data.spec.is_binary:
+        _, counts = np.unique(data.y[order], return_counts=True)
+        if len(counts) == 2 and counts.min() >= 3:
+            stratify = data.y[order]
+    train_idx, test_idx = train_test_split(
+        order, test_size=test_fraction, random_state=seed, shuffle=True, stratify=stratify
+    )
+    return data.subset(np.sort(train_idx)), data.subset(np.sort(test_idx))
+
+
+def fingerprint(data: SiteData) -> str:
+    """SHA-256 of the training records, independent of row order."""
+    h = hashlib.sha256(f"{data.spec.task}/{data.spec.dataset}".encode())
+    for i in sorted(range(len(data)), key=lambda k: data.ids[k]):
+        h.update(data.ids[i].encode())
+        h.update(data.X[i].tobytes())
+        h.update(data.y[i : i + 1].tobytes())
+    return h.hexdigest()

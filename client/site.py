@@ -1,0 +1,313 @@
+"""One hospital site: decides whether to join a round, trains with DP-SGD, keeps its ledger.
+
+Every decision is taken here, at the site, from the site's own policy and ledger. The
+accountant is rebuilt from the ledger before every round (so epsilon composes across
+rounds, runs and restarts) and the noise multiplier is calibrated from the run's target
+epsilon over all planned rounds, once per run: a round of a run already in the ledger
+reuses that run's recorded noise. Anything that cannot be read fails closed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from medfed.client.data import (
+    DataError,
+    SiteData,
+    decode_target,
+    fingerprint,
+    load_site_data,
+    split_train_test,
+)
+from medfed.client.policy import POLICY_NAME, PolicyError, SitePolicy, load_policy
+from medfed.client.training import DPSettings, evaluate, train_dp
+from medfed.common.atomic import atomic_write_json
+from medfed.common.config import RunSettings
+from medfed.common.ledger import (
+    LEDGER_NAME,
+    LedgerEntry,
+    LedgerError,
+    append_entry,
+    read_ledger,
+    spends_for,
+)
+from medfed.common.models import build_model
+from medfed.common.params import get_weights, set_weights
+from medfed.common.privacy import (
+    ACCOUNTANT,
+    Spend,
+    calibrate_noise,
+    epsilon_of,
+    steps_per_round,
+)
+from medfed.common.tasks import get_task_spec
+
+DATA_REPORT_NAME = "data_report.json"
+
+
+class SiteRefusal(RuntimeError):
+    """The site will not train this round; the message says why."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A site's answer to "will you train round r of run X with these settings?"."""
+
+    site_id: str
+    accept: bool
+    reason: str
+    epsilon_spent: float
+    epsilon_after: float
+    epsilon_budget: float
+    noise_multiplier: float
+    records_used: int
+    records_skipped: int
+    train_records: int = 0
+
+    def to_config(self) -> dict[str, bool | float | int | str]:
+        return {
+            "site-id": self.site_id,
+            "accept": self.accept,
+            "reason": self.reason,
+            "epsilon-spent": self.epsilon_spent,
+            "epsilon-after": self.epsilon_after,
+            "epsilon-budget": self.epsilon_budget,
+            "noise-multiplier": self.noise_multiplier,
+            "records-used": self.records_used,
+            "records-skipped": self.records_skipped,
+            "train-records": self.train_records,
+        }
+
+
+@dataclass
+class _Prepared:
+    policy: SitePolicy
+    train: SiteData
+    test: SiteData
+    all_data: SiteData
+    fingerprint: str
+    entries: list[LedgerEntry]
+
+
+class Site:
+    """A hospital's data directory: ``clinical.csv``, ``site.toml`` and ``ledger.jsonl``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.ledger_path = self.data_dir / LEDGER_NAME
+        self.policy_path = self.data_dir / POLICY_NAME
+
+    # -- decisions -------------------------------------------------------------------
+    def decide(self, settings: RunSettings, run_id: str, server_round: int) -> Decision:
+        """Whether the site trains this round, with the reason and its budget position."""
+        try:
+            prep = self._prepare(settings)
+        except (PolicyError, DataError, LedgerError) as exc:
+            return Decision(self._site_id_or_dir(), False, str(exc), 0, 0, 0, 0, 0, 0)
+        spent = epsilon_of(spends_for(prep.entries, prep.fingerprint), prep.policy.delta)
+        base = dict(
+            site_id=prep.policy.site_id,
+            epsilon_spent=spent,
+            epsilon_budget=prep.policy.epsilon_budget,
+            records_used=len(prep.all_data),
+            records_skipped=len(prep.all_data.skipped),
+            train_records=len(prep.train),
+        )
+        try:
+            noise, after = self._plan(settings, prep, run_id, server_round)
+        except SiteRefusal as refusal:
+            return Decision(
+                accept=False, reason=str(refusal), epsilon_after=spent,
+                noise_multiplier=0.0, **base,
+            )
+        return Decision(
+            accept=True, reason="", epsilon_after=after, noise_multiplier=noise, **base
+        )
+
+    def _plan(
+        self, settings: RunSettings, prep: _Prepared, run_id: str, server_round: int
+    ) -> tuple[float, float]:
+        policy = prep.policy
+        reason = policy.refusal(settings)
+        if reason:
+            raise SiteRefusal(reason)
+        if not 1 <= server_round <= settings.num_rounds:
+            raise SiteRefusal(f"round {server_round} is outside the planned 1..{settings.num_rounds}")
+        if any(
+            e.kind == "train" and e.run_id == run_id and e.round == server_round
+            for e in prep.entries
+        ):
+            raise SiteRefusal(f"round {server_round} of run {run_id} is already in the ledger")
+        if len(prep.train) > settings.max_weight:
+            raise SiteRefusal(f"{len(prep.train)} records exceed the run's max weight")
+        noise = self._noise_for_run(settings, prep, run_id)
+        if noise < policy.min_noise_multiplier:
+            raise SiteRefusal(
+                f"noise multiplier {noise:.3f} is below the site minimum "
+                f"{policy.min_noise_multiplier:g}"
+            )
+        rate, steps = steps_per_round(len(prep.train), settings.batch_size, settings.local_epochs)
+        history = [*spends_for(prep.entries, prep.fingerprint), Spend(noise, rate, steps)]
+        after = epsilon_of(history, policy.delta)
+        if after > policy.epsilon_budget:
+            raise SiteRefusal(
+                f"privacy budget: this round would bring epsilon to {after:.3f}, "
+                f"over the site budget {policy.epsilon_budget:g} (delta {policy.delta:g})"
+            )
+        return noise, after
+
+    def _noise_for_run(self, settings: RunSettings, prep: _Prepared, run_id: str) -> float:
+        for entry in prep.entries:
+            if entry.kind == "train" and entry.run_id == run_id:
+                return entry.noise_multiplier
+        rate, steps = steps_per_round(len(prep.train), settings.batch_size, settings.local_epochs)
+        return calibrate_noise(settings.epsilon, settings.delta, rate, steps * settings.num_rounds)
+
+    # -- training and evaluation -----------------------------------------------------
+    def train_round(
+        self,
+        settings: RunSettings,
+        run_id: str,
+        server_round: int,
+        weights: list[np.ndarray],
+    ) -> tuple[list[np.ndarray], int, dict[str, float | int | str]]:
+        """Train one round with DP-SGD and record the spend; raise SiteRefusal if declined."""
+        prep = self._prepare(settings)
+        noise, _ = self._plan(settings, prep, run_id, server_round)
+        spec = prep.train.spec
+        model = build_model(settings.model, spec.num_features, settings.seed)
+        set_weights(model, weights)
+        dp = DPSettings(
+            noise_multiplier=noise,
+            max_grad_norm=settings.max_grad_norm,
+            batch_size=settings.batch_size,
+            local_epochs=settings.local_epochs,
+            learning_rate=settings.learning_rate,
+        )
+        spend, loss = train_dp(model, prep.train.X, prep.train.y, spec.is_binary, dp)
+        history = [*spends_for(prep.entries, prep.fingerprint), spend]
+        epsilon = epsilon_of(history, prep.policy.delta)
+        self._record(prep, run_id, server_round, spend, epsilon, settings.max_grad_norm)
+        metrics: dict[str, float | int | str] = {
+            "site-id": prep.policy.site_id,
+            "epsilon": epsilon,
+            "epsilon-budget": prep.policy.epsilon_budget,
+            "noise-multiplier": spend.noise_multiplier,
+            "records-used": len(prep.all_data),
+            "records-skipped": len(prep.all_data.skipped),
+        }
+        if len(prep.train) >= prep.policy.min_cohort:
+            metrics["train-loss"] = loss
+        return get_weights(model), len(prep.train), metrics
+
+    def evaluate(
+        self, settings: RunSettings, weights: list[np.ndarray]
+    ) -> tuple[float, int, dict[str, float | int | str]]:
+        """Evaluate the global model on the site's test split.
+
+        Metrics are released only when the test split holds at least the policy's
+        minimum cohort; otherwise only the site id and the suppression reason leave.
+        """
+        prep = self._prepare(settings)
+        spec = prep.test.spec
+        model = build_model(settings.model, spec.num_features, settings.seed)
+        set_weights(model, weights)
+        n = len(prep.test)
+        info: dict[str, float | int | str] = {"site-id": prep.policy.site_id}
+        if n < prep.policy.min_cohort:
+            info["suppressed"] = f"test split of {n} is below the minimum cohort"
+            return 0.0, 0, info
+        span = 1.0 if spec.is_binary else float(decode_target(spec, np.ones(1))[0]
+                                                 - decode_target(spec, np.zeros(1))[0])
+        metrics = evaluate(model, prep.test.X, prep.test.y, spec.is_binary, span)
+        return metrics.pop("loss"), n, {**info, **metrics}
+
+    # -- internals -------------------------------------------------------------------
+    def _prepare(self, settings: RunSettings) -> _Prepared:
+        policy = load_policy(self.policy_path)
+        spec = get_task_spec(settings.task, settings.dataset)
+        data = load_site_data(
+            self.data_dir / spec.csv_name, spec, strict=policy.on_bad_row == "error"
+        )
+        self._write_data_report(data)
+        train, test = split_train_test(data, settings.test_fraction, settings.seed)
+        entries = read_ledger(self.ledger_path)
+        return _Prepared(policy, train, test, data, fingerprint(train), entries)
+
+    def _record(
+        self,
+        prep: _Prepared,
+        run_id: str,
+        server_round: int,
+        spend: Spend,
+        epsilon: float,
+        max_grad_norm: float,
+    ) -> None:
+        entry = LedgerEntry(
+            kind="train",
+            site_id=prep.policy.site_id,
+            run_id=run_id,
+            round=server_round,
+            dataset_fingerprint=prep.fingerprint,
+            accountant=ACCOUNTANT,
+            noise_multiplier=spend.noise_multiplier,
+            sample_rate=spend.sample_rate,
+            steps=spend.steps,
+            max_grad_norm=max_grad_norm,
+            delta=prep.policy.delta,
+            epsilon=epsilon,
+            num_samples=len(prep.train),
+            samples_per_patient=1,
+            reason="",
+            timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        append_entry(self.ledger_path, entry)
+
+    def record_decline(self, decision: Decision, run_id: str, server_round: int) -> None:
+        """Write a declined round to the ledger (when the ledger itself is readable)."""
+        try:
+            entries = read_ledger(self.ledger_path)
+        except LedgerError:
+            return
+        if any(e.run_id == run_id and e.round == server_round for e in entries):
+            return
+        entry = LedgerEntry(
+            kind="decline", site_id=decision.site_id, run_id=run_id, round=server_round,
+            dataset_fingerprint="", accountant=ACCOUNTANT, noise_multiplier=0.0,
+            sample_rate=0.0, steps=0, max_grad_norm=0.0, delta=0.0,
+            epsilon=decision.epsilon_spent, num_samples=0, samples_per_patient=1,
+            reason=decision.reason,
+            timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        append_entry(self.ledger_path, entry)
+
+    def _write_data_report(self, data: SiteData) -> None:
+        """Site-local record of used and skipped rows (stays at the site)."""
+        report = {
+            "file": str(data.path),
+            "rows": data.total_rows,
+            "used": len(data),
+            "skipped": len(data.skipped),
+            "skipped_rows": [
+                {"line": s.line, "column": s.column, "reason": s.reason}
+                for s in data.skipped
+            ],
+        }
+        path = self.data_dir / DATA_REPORT_NAME
+        try:
+            if path.exists() and json.loads(path.read_text()) == report:
+                return
+        except (OSError, ValueError):
+            pass
+        atomic_write_json(path, report)
+
+    def _site_id_or_dir(self) -> str:
+        try:
+            return load_policy(self.policy_path).site_id
+        except PolicyError:
+            return self.data_dir.name

@@ -1,0 +1,288 @@
+"""The coordinator's round loop: ask, securely aggregate, evaluate, checkpoint, record.
+
+Each round:
+
+1. **Ask** every connected site whether it will train this round with the run's
+   settings (a ``get_properties`` message). Each site answers from its own policy and
+   ledger, and a refusal carries its reason.
+2. **Train** with Flower's SecAgg+ workflow over the sites that accepted, when at least
+   ``min_sites`` did: the coordinator only ever sees the masked updates and their sum.
+3. **Evaluate** the new global model at every site (cohort-level metrics only).
+4. **Checkpoint** the global model and rewrite ``run.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import flwr.compat.common.recorddict_compat as compat
+from flwr.app import ConfigRecord, Message
+from flwr.app.message_type import MessageType
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    GetPropertiesIns,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.constant import MessageTypeLegacy
+from flwr.server import LegacyContext
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp.grid import Grid
+from flwr.supercore import log
+
+from medfed.common.config import RunSettings
+from medfed.common.messages import ACCEPT_KEY, REASON_KEY, ROUND_KEY, SITE_ID_KEY
+from medfed.server.checkpoint import save_checkpoint
+from medfed.server.run_record import RoundRecord, RunRecord, emit_event
+from medfed.server.strategy import SiteSelectingFedAvg, weighted_means
+
+SITE_WAIT_SECONDS = 120.0
+
+
+class MedfedWorkflow:
+    """Runs ``settings.num_rounds`` rounds over the sites connected to ``grid``.
+
+    Parameters
+    ----------
+    settings : RunSettings
+        The run's validated settings.
+    out_dir : Path
+        Where run.json, events.jsonl and checkpoints/ are written.
+    expected_sites : int
+        Sites to wait for before round 1 (at least ``settings.min_sites``).
+    model_meta : dict
+        Stored with every checkpoint (task, dataset, model, feature names).
+    """
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        out_dir: Path,
+        expected_sites: int,
+        model_meta: dict[str, Any],
+    ) -> None:
+        if expected_sites < settings.min_sites:
+            raise ValueError(
+                f"expected_sites ({expected_sites}) is below min_sites ({settings.min_sites})"
+            )
+        self.settings = settings
+        self.out_dir = out_dir
+        self.expected_sites = expected_sites
+        self.model_meta = model_meta
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> RunRecord:
+        record = RunRecord(
+            run_id=str(context.run_id),
+            settings=self.settings.model_dump(),
+            secure_aggregation=self._secagg_description(),
+        )
+        thread, f_stop, c_done = start_update_client_manager_thread(
+            grid, context.client_manager
+        )
+        c_done.wait()
+        try:
+            self._wait_for_sites(context)
+            cfg = ConfigRecord({Key.START_TIME: time.time()})
+            context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+            context.state.array_records[MAIN_PARAMS_RECORD] = (
+                compat.parameters_to_arrayrecord(
+                    context.strategy.initialize_parameters(context.client_manager),
+                    keep_input=True,
+                )
+            )
+            emit_event(self.out_dir, "run-start", rounds=self.settings.num_rounds,
+                       sites=context.client_manager.num_available())
+            for server_round in range(1, self.settings.num_rounds + 1):
+                cfg[Key.CURRENT_ROUND] = server_round
+                record.rounds.append(self._round(grid, context, server_round, record))
+                record.write(self.out_dir)
+            record.status = "completed"
+        except Exception as exc:
+            record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            record.finished = time.time()
+            record.write(self.out_dir)
+            emit_event(self.out_dir, "run-end", status=record.status, error=record.error)
+            f_stop.set()
+            thread.join(timeout=10)
+        return record
+
+    # -- one round -------------------------------------------------------------------
+    def _round(
+        self, grid: Grid, context: LegacyContext, server_round: int, record: RunRecord
+    ) -> RoundRecord:
+        started = time.time()
+        emit_event(self.out_dir, "round-start", round=server_round)
+        strategy: SiteSelectingFedAvg = context.strategy  # type: ignore[assignment]
+        replies = self._ask_sites(grid, context, server_round)
+        rnd = RoundRecord(round=server_round, status="skipped")
+        accepted = {nid: r for nid, r in replies.items() if r.get(ACCEPT_KEY)}
+        for reply in replies.values():
+            self._note_decision(record, reply)
+            if not reply.get(ACCEPT_KEY):
+                rnd.declined[str(reply[SITE_ID_KEY])] = str(reply.get(REASON_KEY, ""))
+        if len(accepted) < self.settings.min_sites:
+            rnd.note = (
+                f"only {len(accepted)} site(s) accepted; at least {self.settings.min_sites} "
+                "are needed for secure aggregation"
+            )
+        else:
+            strategy.select(set(accepted))
+            self._secure_fit(grid, context, accepted)
+            rnd.participants = sorted(strategy.fit_reports)
+            rnd.dropped = sorted(
+                str(r[SITE_ID_KEY]) for r in accepted.values()
+                if str(r[SITE_ID_KEY]) not in strategy.fit_reports
+            )
+            if strategy.fit_reports:
+                rnd.status = "aggregated"
+                self._note_training(record, strategy.fit_reports)
+            else:
+                rnd.status = "aborted"
+                rnd.note = "secure aggregation did not complete (too few sites survived)"
+        loss, metrics, per_site = self._evaluate(grid, context, server_round)
+        rnd.aggregate_metrics = {"loss": loss, **metrics} if loss is not None else {}
+        rnd.site_metrics = per_site
+        rnd.checkpoint, rnd.model_sha256 = self._checkpoint(context, server_round)
+        rnd.seconds = round(time.time() - started, 3)
+        record.final_metrics = rnd.aggregate_metrics or record.final_metrics
+        emit_event(self.out_dir, "round-end", **asdict(rnd))
+        return rnd
+
+    def _ask_sites(
+        self, grid: Grid, context: LegacyContext, server_round: int
+    ) -> dict[int, dict[str, Any]]:
+        """Send "will you train?" to every site; return node id -> reply."""
+        ins = GetPropertiesIns({ROUND_KEY: server_round})
+        node_ids = [p.node_id for p in context.client_manager.all().values()]
+        messages = [
+            Message(
+                content=compat.getpropertiesins_to_recorddict(ins),
+                dst_node_id=nid,
+                message_type=MessageTypeLegacy.GET_PROPERTIES,
+                group_id=str(server_round),
+            )
+            for nid in node_ids
+        ]
+        replies: dict[int, dict[str, Any]] = {}
+        for msg in grid.send_and_receive(messages, timeout=self.settings.secagg_timeout):
+            if not msg.has_content():
+                continue
+            res = compat.recorddict_to_getpropertiesres(msg.content)
+            if res.status.code == Code.OK and SITE_ID_KEY in res.properties:
+                replies[msg.metadata.src_node_id] = dict(res.properties)
+        log(INFO, "round %s: %s of %s sites accepted", server_round,
+            sum(bool(r.get(ACCEPT_KEY)) for r in replies.values()), len(node_ids))
+        emit_event(self.out_dir, "asked", round=server_round,
+                   accepted=[r[SITE_ID_KEY] for r in replies.values() if r.get(ACCEPT_KEY)],
+                   declined={r[SITE_ID_KEY]: r.get(REASON_KEY) for r in replies.values()
+                             if not r.get(ACCEPT_KEY)})
+        return replies
+
+    def _secure_fit(
+        self, grid: Grid, context: LegacyContext, accepted: dict[int, dict[str, Any]]
+    ) -> None:
+        largest = max(int(r.get("train-records", 1)) for r in accepted.values())
+        SecAggPlusWorkflow(
+            num_shares=1.0,
+            reconstruction_threshold=self.settings.secagg_threshold,
+            max_weight=float(max(largest, 1)),
+            timeout=self.settings.secagg_timeout,
+        )(grid, context)
+
+    def _evaluate(
+        self, grid: Grid, context: LegacyContext, server_round: int
+    ) -> tuple[float | None, dict[str, Any], dict[str, dict[str, Any]]]:
+        strategy: SiteSelectingFedAvg = context.strategy  # type: ignore[assignment]
+        parameters = compat.arrayrecord_to_parameters(
+            context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
+        )
+        instructions = strategy.configure_evaluate(
+            server_round, parameters, context.client_manager
+        )
+        messages = [
+            Message(
+                content=compat.evaluateins_to_recorddict(ins, True),
+                dst_node_id=proxy.node_id,
+                message_type=MessageType.EVALUATE,
+                group_id=str(server_round),
+            )
+            for proxy, ins in instructions
+        ]
+        results: list[EvaluateRes] = []
+        per_site: dict[str, dict[str, Any]] = {}
+        for msg in grid.send_and_receive(messages, timeout=self.settings.secagg_timeout):
+            if not msg.has_content():
+                continue
+            res = compat.recorddict_to_evaluateres(msg.content)
+            if res.status.code != Code.OK:
+                continue
+            site = str(res.metrics.get(SITE_ID_KEY, msg.metadata.src_node_id))
+            per_site[site] = {"num_examples": res.num_examples, "loss": res.loss,
+                              **res.metrics}
+            if "suppressed" not in res.metrics and res.num_examples > 0:
+                results.append(res)
+        loss, metrics = weighted_means(results)
+        return loss, metrics, per_site
+
+    def _checkpoint(self, context: LegacyContext, server_round: int) -> tuple[str, str]:
+        parameters = compat.arrayrecord_to_parameters(
+            context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
+        )
+        path, digest = save_checkpoint(
+            self.out_dir, server_round, parameters_to_ndarrays(parameters), self.model_meta
+        )
+        return str(path.relative_to(self.out_dir)), digest
+
+    # -- bookkeeping -----------------------------------------------------------------
+    def _wait_for_sites(self, context: LegacyContext) -> None:
+        deadline = time.time() + SITE_WAIT_SECONDS
+        while context.client_manager.num_available() < self.expected_sites:
+            if time.time() > deadline:
+                raise TimeoutError(
+                    f"only {context.client_manager.num_available()} of "
+                    f"{self.expected_sites} sites connected within {SITE_WAIT_SECONDS:.0f}s"
+                )
+            time.sleep(0.5)
+
+    @staticmethod
+    def _note_decision(record: RunRecord, reply: dict[str, Any]) -> None:
+        site = record.site(str(reply[SITE_ID_KEY]))
+        site.epsilon_spent = max(site.epsilon_spent, float(reply.get("epsilon-spent", 0)))
+        site.epsilon_budget = float(reply.get("epsilon-budget", site.epsilon_budget))
+        site.records_used = int(reply.get("records-used", site.records_used))
+        site.records_skipped = int(reply.get("records-skipped", site.records_skipped))
+        if not reply.get(ACCEPT_KEY):
+            site.rounds_declined += 1
+
+    @staticmethod
+    def _note_training(record: RunRecord, reports: dict[str, dict[str, Any]]) -> None:
+        for site_id, report in reports.items():
+            site = record.site(site_id)
+            site.rounds_trained += 1
+            site.epsilon_spent = max(site.epsilon_spent, float(report.get("epsilon", 0)))
+            site.noise_multiplier = float(report.get("noise-multiplier", 0))
+
+    def _secagg_description(self) -> dict[str, Any]:
+        return {
+            "protocol": "flower-secagg+",
+            "num_shares": "all selected sites",
+            "reconstruction_threshold": self.settings.secagg_threshold,
+            "timeout_seconds": self.settings.secagg_timeout,
+            "note": "Flower 1.42 SecAgg+: masks from a 32-bit-folded seed and numpy "
+            "RandomState; key-agreement keys not authenticated (replaced in a later "
+            "release).",
+        }
+
+
+def initial_parameters(weights: list) -> Any:
+    """Flower Parameters for the initial global model."""
+    return ndarrays_to_parameters(weights)
