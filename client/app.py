@@ -46,8 +46,12 @@ class SiteClient(NumPyClient):
         server_round = int(config[ROUND_KEY])
         decision = self.site.decide(self.settings, self.run_id, server_round)
         if not decision.accept:
-            LOG.warning("site %s declines round %s: %s", decision.site_id, server_round,
-                        decision.reason)
+            LOG.warning(
+                "site %s declines round %s: %s",
+                decision.site_id,
+                server_round,
+                decision.reason,
+            )
             self.site.record_decline(decision, self.run_id, server_round)
         return decision.to_config()
 

@@ -99,8 +99,10 @@ def load_site_data(path: Path, spec: TaskSpec, strict: bool = False) -> SiteData
         rows.append(np.concatenate(features))
         targets.append(target)
     if not rows:
-        raise DataError(f"{path}: no valid rows ({len(skipped)} skipped; first: "
-                        f"{skipped[0] if skipped else 'file is empty'})")
+        raise DataError(
+            f"{path}: no valid rows ({len(skipped)} skipped; first: "
+            f"{skipped[0] if skipped else 'file is empty'})"
+        )
     return SiteData(
         spec=spec,
         path=path,
@@ -201,9 +203,7 @@ def decode_target(spec: TaskSpec, y: np.ndarray) -> np.ndarray:
     return y * (spec.target.high - spec.target.low) + spec.target.low
 
 
-def split_train_test(
-    data: SiteData, test_fraction: float, seed: int
-) -> tuple[SiteData, SiteData]:
+def split_train_test(data: SiteData, test_fraction: float, seed: int) -> tuple[SiteData, SiteData]:
     """Deterministic patient-level split (stratified for binary targets where possible).
 
     The split depends only on the data and ``seed``, so the training set, and with it

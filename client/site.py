@@ -122,12 +122,13 @@ class Site:
             noise, after = self._plan(settings, prep, run_id, server_round)
         except SiteRefusal as refusal:
             return Decision(
-                accept=False, reason=str(refusal), epsilon_after=spent,
-                noise_multiplier=0.0, **base,
+                accept=False,
+                reason=str(refusal),
+                epsilon_after=spent,
+                noise_multiplier=0.0,
+                **base,
             )
-        return Decision(
-            accept=True, reason="", epsilon_after=after, noise_multiplier=noise, **base
-        )
+        return Decision(accept=True, reason="", epsilon_after=after, noise_multiplier=noise, **base)
 
     def _plan(
         self, settings: RunSettings, prep: _Prepared, run_id: str, server_round: int
@@ -137,7 +138,9 @@ class Site:
         if reason:
             raise SiteRefusal(reason)
         if not 1 <= server_round <= settings.num_rounds:
-            raise SiteRefusal(f"round {server_round} is outside the planned 1..{settings.num_rounds}")
+            raise SiteRefusal(
+                f"round {server_round} is outside the planned 1..{settings.num_rounds}"
+            )
         if any(
             e.kind == "train" and e.run_id == run_id and e.round == server_round
             for e in prep.entries
@@ -222,8 +225,11 @@ class Site:
         if n < prep.policy.min_cohort:
             info["suppressed"] = f"test split of {n} is below the minimum cohort"
             return 0.0, 0, info
-        span = 1.0 if spec.is_binary else float(decode_target(spec, np.ones(1))[0]
-                                                 - decode_target(spec, np.zeros(1))[0])
+        span = (
+            1.0
+            if spec.is_binary
+            else float(decode_target(spec, np.ones(1))[0] - decode_target(spec, np.zeros(1))[0])
+        )
         metrics = evaluate(model, prep.test.X, prep.test.y, spec.is_binary, span)
         return metrics.pop("loss"), n, {**info, **metrics}
 
@@ -277,10 +283,20 @@ class Site:
         if any(e.run_id == run_id and e.round == server_round for e in entries):
             return
         entry = LedgerEntry(
-            kind="decline", site_id=decision.site_id, run_id=run_id, round=server_round,
-            dataset_fingerprint="", accountant=ACCOUNTANT, noise_multiplier=0.0,
-            sample_rate=0.0, steps=0, max_grad_norm=0.0, delta=0.0,
-            epsilon=decision.epsilon_spent, num_samples=0, samples_per_patient=1,
+            kind="decline",
+            site_id=decision.site_id,
+            run_id=run_id,
+            round=server_round,
+            dataset_fingerprint="",
+            accountant=ACCOUNTANT,
+            noise_multiplier=0.0,
+            sample_rate=0.0,
+            steps=0,
+            max_grad_norm=0.0,
+            delta=0.0,
+            epsilon=decision.epsilon_spent,
+            num_samples=0,
+            samples_per_patient=1,
             reason=decision.reason,
             timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
@@ -294,8 +310,7 @@ class Site:
             "used": len(data),
             "skipped": len(data.skipped),
             "skipped_rows": [
-                {"line": s.line, "column": s.column, "reason": s.reason}
-                for s in data.skipped
+                {"line": s.line, "column": s.column, "reason": s.reason} for s in data.skipped
             ],
         }
         path = self.data_dir / DATA_REPORT_NAME

@@ -163,9 +163,7 @@ def _check_epsilons(path: Path, entries: list[LedgerEntry]) -> None:
 def spends_for(entries: list[LedgerEntry], fingerprint: str) -> list[Spend]:
     """All DP-SGD spends recorded for the dataset with ``fingerprint``."""
     return [
-        e.spend()
-        for e in entries
-        if e.kind == "train" and e.dataset_fingerprint == fingerprint
+        e.spend() for e in entries if e.kind == "train" and e.dataset_fingerprint == fingerprint
     ]
 
 

@@ -41,9 +41,7 @@ def epsilon_of(spends: Iterable[Spend], delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
-def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int
-) -> float:
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Smallest noise multiplier that keeps ``steps`` steps within ``target_epsilon``."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")

@@ -145,9 +145,7 @@ HEART_DISEASE_RISK = TaskSpec(
         Column("trestbps", 60, 240, nullable=True, fill=130, zero_is_missing=True),
         Column("chol", 80, 700, nullable=True, fill=220, zero_is_missing=True),
         Column("fbs", 0, 1, kind="binary", nullable=True, fill=0),
-        Column(
-            "restecg", 0, 2, kind="categorical", categories=(0, 1, 2), nullable=True
-        ),
+        Column("restecg", 0, 2, kind="categorical", categories=(0, 1, 2), nullable=True),
         Column("thalach", 50, 230, nullable=True, fill=140),
         Column("exang", 0, 1, kind="binary", nullable=True, fill=0),
         Column("oldpeak", -3, 7, nullable=True, fill=0),
@@ -174,6 +172,5 @@ def get_task_spec(task: str, dataset: str) -> TaskSpec:
     except KeyError:
         known = ", ".join(f"{t} on {d}" for t, d in _SPECS)
         raise ValueError(
-            f"unknown task/dataset combination: task={task!r}, dataset={dataset!r} "
-            f"(known: {known})"
+            f"unknown task/dataset combination: task={task!r}, dataset={dataset!r} (known: {known})"
         ) from None

@@ -80,8 +80,11 @@ class SiteSelectingFedAvg(FedAvg):
         released = []
         for _, res in results:
             site = str(res.metrics.get(SITE_ID_KEY, "?"))
-            self.eval_reports[site] = {"num_examples": res.num_examples, "loss": res.loss,
-                                       **res.metrics}
+            self.eval_reports[site] = {
+                "num_examples": res.num_examples,
+                "loss": res.loss,
+                **res.metrics,
+            }
             if SUPPRESSED_KEY not in res.metrics and res.num_examples > 0:
                 released.append(res)
         return weighted_means(released)
@@ -102,7 +105,5 @@ def weighted_means(results: list[EvaluateRes]) -> tuple[float | None, dict[str, 
         having = [r for r in results if name in r.metrics]
         weight = sum(r.num_examples for r in having)
         metrics[name] = sum(float(r.metrics[name]) * r.num_examples for r in having) / weight
-        metrics[f"mean_site_{name}"] = sum(float(r.metrics[name]) for r in having) / len(
-            having
-        )
+        metrics[f"mean_site_{name}"] = sum(float(r.metrics[name]) for r in having) / len(having)
     return loss, metrics

@@ -83,22 +83,22 @@ class MedfedWorkflow:
             settings=self.settings.model_dump(),
             secure_aggregation=self._secagg_description(),
         )
-        thread, f_stop, c_done = start_update_client_manager_thread(
-            grid, context.client_manager
-        )
+        thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
         c_done.wait()
         try:
             self._wait_for_sites(context)
             cfg = ConfigRecord({Key.START_TIME: time.time()})
             context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
-            context.state.array_records[MAIN_PARAMS_RECORD] = (
-                compat.parameters_to_arrayrecord(
-                    context.strategy.initialize_parameters(context.client_manager),
-                    keep_input=True,
-                )
+            context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+                context.strategy.initialize_parameters(context.client_manager),
+                keep_input=True,
             )
-            emit_event(self.out_dir, "run-start", rounds=self.settings.num_rounds,
-                       sites=context.client_manager.num_available())
+            emit_event(
+                self.out_dir,
+                "run-start",
+                rounds=self.settings.num_rounds,
+                sites=context.client_manager.num_available(),
+            )
             for server_round in range(1, self.settings.num_rounds + 1):
                 cfg[Key.CURRENT_ROUND] = server_round
                 record.rounds.append(self._round(grid, context, server_round, record))
@@ -139,7 +139,8 @@ class MedfedWorkflow:
             self._secure_fit(grid, context, accepted)
             rnd.participants = sorted(strategy.fit_reports)
             rnd.dropped = sorted(
-                str(r[SITE_ID_KEY]) for r in accepted.values()
+                str(r[SITE_ID_KEY])
+                for r in accepted.values()
                 if str(r[SITE_ID_KEY]) not in strategy.fit_reports
             )
             if strategy.fit_reports:
@@ -179,12 +180,22 @@ class MedfedWorkflow:
             res = compat.recorddict_to_getpropertiesres(msg.content)
             if res.status.code == Code.OK and SITE_ID_KEY in res.properties:
                 replies[msg.metadata.src_node_id] = dict(res.properties)
-        log(INFO, "round %s: %s of %s sites accepted", server_round,
-            sum(bool(r.get(ACCEPT_KEY)) for r in replies.values()), len(node_ids))
-        emit_event(self.out_dir, "asked", round=server_round,
-                   accepted=[r[SITE_ID_KEY] for r in replies.values() if r.get(ACCEPT_KEY)],
-                   declined={r[SITE_ID_KEY]: r.get(REASON_KEY) for r in replies.values()
-                             if not r.get(ACCEPT_KEY)})
+        log(
+            INFO,
+            "round %s: %s of %s sites accepted",
+            server_round,
+            sum(bool(r.get(ACCEPT_KEY)) for r in replies.values()),
+            len(node_ids),
+        )
+        emit_event(
+            self.out_dir,
+            "asked",
+            round=server_round,
+            accepted=[r[SITE_ID_KEY] for r in replies.values() if r.get(ACCEPT_KEY)],
+            declined={
+                r[SITE_ID_KEY]: r.get(REASON_KEY) for r in replies.values() if not r.get(ACCEPT_KEY)
+            },
+        )
         return replies
 
     def _secure_fit(
@@ -205,9 +216,7 @@ class MedfedWorkflow:
         parameters = compat.arrayrecord_to_parameters(
             context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
         )
-        instructions = strategy.configure_evaluate(
-            server_round, parameters, context.client_manager
-        )
+        instructions = strategy.configure_evaluate(server_round, parameters, context.client_manager)
         messages = [
             Message(
                 content=compat.evaluateins_to_recorddict(ins, True),
@@ -226,8 +235,11 @@ class MedfedWorkflow:
             if res.status.code != Code.OK:
                 continue
             site = str(res.metrics.get(SITE_ID_KEY, msg.metadata.src_node_id))
-            per_site[site] = {"num_examples": res.num_examples, "loss": res.loss,
-                              **res.metrics}
+            per_site[site] = {
+                "num_examples": res.num_examples,
+                "loss": res.loss,
+                **res.metrics,
+            }
             if "suppressed" not in res.metrics and res.num_examples > 0:
                 results.append(res)
         loss, metrics = weighted_means(results)
@@ -238,7 +250,10 @@ class MedfedWorkflow:
             context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
         )
         path, digest = save_checkpoint(
-            self.out_dir, server_round, parameters_to_ndarrays(parameters), self.model_meta
+            self.out_dir,
+            server_round,
+            parameters_to_ndarrays(parameters),
+            self.model_meta,
         )
         return str(path.relative_to(self.out_dir)), digest
 

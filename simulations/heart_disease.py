@@ -120,9 +120,7 @@ def prepare_heart_disease_sites(out_dir: Path, overwrite: bool = False) -> list[
                 + " (pass overwrite=True to replace it)"
             )
     sources = [_shipped(hospital).read_bytes() for hospital in HOSPITALS]
-    for i, (hospital, data, site_dir) in enumerate(
-        zip(HOSPITALS, sources, site_dirs, strict=True)
-    ):
+    for i, (hospital, data, site_dir) in enumerate(zip(HOSPITALS, sources, site_dirs, strict=True)):
         atomic_write_bytes(site_dir / CSV_NAME, data)
         atomic_write_text(site_dir / SOURCE_NAME, _source_text(i, hospital))
     return site_dirs

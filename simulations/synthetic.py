@@ -497,9 +497,7 @@ def generate_risk_sites(
             )
 
     sites_meta = []
-    for i, (profile, n, site_dir) in enumerate(
-        zip(profiles, sizes, site_dirs, strict=True)
-    ):
+    for i, (profile, n, site_dir) in enumerate(zip(profiles, sizes, site_dirs, strict=True)):
         rows = _site_rows(profile, i, n, seed)
         atomic_write_text(site_dir / CSV_NAME, _to_csv(rows))
         sites_meta.append(
@@ -528,22 +526,17 @@ def generate_risk_sites(
         "risk_model": {
             "link": "logit",
             "formula": (
-                "logit P(outcome=1) = intercept + sum_f coef[f] * (x_f - centre_f) / "
-                "scale_f"
+                "logit P(outcome=1) = intercept + sum_f coef[f] * (x_f - centre_f) / scale_f"
             ),
             "coefficients": dict(TRUE_RISK_MODEL),
-            "scaling": {
-                k: {"centre": c, "scale": s} for k, (c, s) in RISK_FEATURE_SCALING.items()
-            },
+            "scaling": {k: {"centre": c, "scale": s} for k, (c, s) in RISK_FEATURE_SCALING.items()},
         },
         "rehab_model": {
             "formula": (
                 "progress = clip(intercept + sum_f coef[f] * (x_f - centre_f) "
                 "+ Normal(0, noise_sd), 0, 100), rounded to 0.1"
             ),
-            "coefficients": {
-                k: v for k, v in TRUE_REHAB_MODEL.items() if k != "noise_sd"
-            },
+            "coefficients": {k: v for k, v in TRUE_REHAB_MODEL.items() if k != "noise_sd"},
             "centres": dict(REHAB_FEATURE_CENTRES),
             "noise_sd": TRUE_REHAB_MODEL["noise_sd"],
         },

@@ -122,10 +122,7 @@ def test_logistic_regression_recovers_true_model(
 ) -> None:
     pooled = pd.concat(default_frames, ignore_index=True)
     X = np.column_stack(
-        [
-            (pooled[name] - centre) / scale
-            for name, (centre, scale) in RISK_FEATURE_SCALING.items()
-        ]
+        [(pooled[name] - centre) / scale for name, (centre, scale) in RISK_FEATURE_SCALING.items()]
     )
     y = pooled["outcome"].to_numpy()
     X_train, X_test, y_train, y_test = train_test_split(

@@ -1,0 +1,128 @@
+"""Rich output for the CLI: a live round-by-round progress bar and the end-of-run summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from medfed.simulations.runner import SimulationResult
+
+
+class RoundProgress:
+    """Turns coordinator events into a progress bar over the planned rounds."""
+
+    def __init__(self, console: Console, rounds: int) -> None:
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("round {task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("starting Flower simulation", total=rounds)
+        self.console = console
+
+    def __enter__(self) -> RoundProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "run-start":
+            self._describe(f"{event.get('sites')} sites connected")
+        elif kind == "round-start":
+            self._describe(f"round {event['round']}: asking sites")
+        elif kind == "asked":
+            accepted = len(event.get("accepted", []))
+            self._describe(f"round {event['round']}: {accepted} training (DP-SGD + SecAgg+)")
+            for site, reason in (event.get("declined") or {}).items():
+                self.progress.console.print(
+                    f"  [yellow]round {event['round']}: {site} declined[/]: {reason}"
+                )
+        elif kind == "round-end":
+            self.progress.advance(self.task)
+            metrics = event.get("aggregate_metrics") or {}
+            shown = ", ".join(
+                f"{k}={metrics[k]:.3f}"
+                for k in ("auc", "accuracy", "mae", "r2")
+                if isinstance(metrics.get(k), float)
+            )
+            self.progress.console.print(
+                f"  round {event['round']}: {event['status']}"
+                f" ({len(event.get('participants', []))} sites) {shown}"
+            )
+
+    def _describe(self, text: str) -> None:
+        self.progress.update(self.task, description=text)
+
+
+METRIC_ORDER = (
+    "auc",
+    "accuracy",
+    "mean_site_auc",
+    "mean_site_accuracy",
+    "mae",
+    "rmse",
+    "r2",
+    "loss",
+)
+
+
+def summary_tables(result: SimulationResult) -> list[Table]:
+    """Per-site privacy table and global-metrics table."""
+    sites = Table(title="Sites: privacy spent and data used")
+    for col in (
+        "site",
+        "ε spent/budget",
+        "δ",
+        "noise σ",
+        "rounds",
+        "declined",
+        "records",
+        "skipped",
+    ):
+        sites.add_column(col, justify="left" if col == "site" else "right")
+    delta = result.run["settings"]["delta"]
+    for site in sorted(result.run["sites"].values(), key=lambda s: s["site_id"]):
+        sites.add_row(
+            site["site_id"],
+            f"{site['epsilon_spent']:.3f} / {site['epsilon_budget']:g}",
+            f"{delta:g}",
+            f"{site['noise_multiplier']:.3f}",
+            str(site["rounds_trained"]),
+            str(site["rounds_declined"]),
+            str(site["records_used"]),
+            str(site["records_skipped"]),
+        )
+    metrics = Table(title="Global model on the sites' test splits")
+    metrics.add_column("metric")
+    metrics.add_column("federated (DP + SecAgg+)", justify="right")
+    if result.reference is not None:
+        metrics.add_column("pooled, no privacy (reference)", justify="right")
+    final = result.run.get("final_metrics") or {}
+    for name in METRIC_ORDER:
+        if name not in final and not (result.reference and name in result.reference):
+            continue
+        row = [name, _fmt(final.get(name))]
+        if result.reference is not None:
+            row.append(_fmt(result.reference.get(name)))
+        metrics.add_row(*row)
+    return [sites, metrics]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "—"

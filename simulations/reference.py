@@ -1,0 +1,61 @@
+"""The pooled, non-private reference: what one model trained on everyone's data reaches.
+
+Only a simulation can compute this (it reads every site's records in one place); it is
+the yardstick for the federated DP model. It uses the same validation, the same
+per-site train/test splits and the same per-site metric aggregation as the federated
+run, so that the two are compared like for like.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common import Code as FlwrCode
+from flwr.common import EvaluateRes, Status
+
+from medfed.client.data import load_site_data, split_train_test
+from medfed.client.training import evaluate, train_plain
+from medfed.common.config import RunSettings
+from medfed.common.models import build_model
+from medfed.common.tasks import get_task_spec
+from medfed.server.strategy import weighted_means
+
+REFERENCE_EPOCHS = 60
+
+
+def pooled_reference(
+    site_dirs: list[Path], settings: RunSettings, epochs: int = REFERENCE_EPOCHS
+) -> dict[str, Any]:
+    """Train on the pooled training splits without DP; evaluate on each site's test split."""
+    spec = get_task_spec(settings.task, settings.dataset)
+    splits = [
+        split_train_test(
+            load_site_data(d / spec.csv_name, spec), settings.test_fraction, settings.seed
+        )
+        for d in site_dirs
+    ]
+    X = np.concatenate([train.X for train, _ in splits])
+    y = np.concatenate([train.y for train, _ in splits])
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.model, spec.num_features, settings.seed)
+    train_plain(
+        model,
+        X,
+        y,
+        spec.is_binary,
+        epochs,
+        batch_size=64,
+        learning_rate=min(settings.learning_rate, 0.5),
+        seed=settings.seed,
+    )
+    span = 1.0 if spec.is_binary else spec.target.high - spec.target.low
+    results = []
+    for _, test in splits:
+        metrics = evaluate(model, test.X, test.y, spec.is_binary, span)
+        loss = metrics.pop("loss")
+        results.append(EvaluateRes(Status(FlwrCode.OK, ""), loss, len(test), metrics))
+    loss, metrics = weighted_means(results)
+    return {"loss": loss, **metrics, "train_records": len(y), "epochs": epochs}
