@@ -216,7 +216,10 @@ class Site:
         Metrics are released only when the test split holds at least the policy's
         minimum cohort; otherwise only the site id and the suppression reason leave.
         """
-        prep = self._prepare(settings)
+        try:
+            prep = self._prepare(settings)
+        except (PolicyError, DataError, LedgerError) as exc:
+            return 0.0, 0, {"site-id": self._site_id_or_dir(), "suppressed": str(exc)}
         spec = prep.test.spec
         model = build_model(settings.model, spec.num_features, settings.seed)
         set_weights(model, weights)

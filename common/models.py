@@ -19,6 +19,10 @@ class LinearModel(nn.Module):
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.linear = nn.Linear(num_features, 1)
+        # Zero start: the usual choice for a convex model, and no random weights for
+        # the few noisy DP steps of a small site to unlearn.
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x).squeeze(-1)

@@ -16,7 +16,7 @@ import torch
 from flwr.common import Code as FlwrCode
 from flwr.common import EvaluateRes, Status
 
-from medfed.client.data import load_site_data, split_train_test
+from medfed.client.data import DataError, load_site_data, split_train_test
 from medfed.client.training import evaluate, train_plain
 from medfed.common.config import RunSettings
 from medfed.common.models import build_model
@@ -31,12 +31,16 @@ def pooled_reference(
 ) -> dict[str, Any]:
     """Train on the pooled training splits without DP; evaluate on each site's test split."""
     spec = get_task_spec(settings.task, settings.dataset)
-    splits = [
-        split_train_test(
-            load_site_data(d / spec.csv_name, spec), settings.test_fraction, settings.seed
-        )
-        for d in site_dirs
-    ]
+    splits, unusable = [], {}
+    for d in site_dirs:
+        try:
+            data = load_site_data(d / spec.csv_name, spec)
+        except DataError as exc:
+            unusable[str(d)] = str(exc)
+            continue
+        splits.append(split_train_test(data, settings.test_fraction, settings.seed))
+    if not splits:
+        raise DataError("pooled reference: no site has usable data")
     X = np.concatenate([train.X for train, _ in splits])
     y = np.concatenate([train.y for train, _ in splits])
     torch.manual_seed(settings.seed)
@@ -58,4 +62,10 @@ def pooled_reference(
         loss = metrics.pop("loss")
         results.append(EvaluateRes(Status(FlwrCode.OK, ""), loss, len(test), metrics))
     loss, metrics = weighted_means(results)
-    return {"loss": loss, **metrics, "train_records": len(y), "epochs": epochs}
+    return {
+        "loss": loss,
+        **metrics,
+        "train_records": len(y),
+        "epochs": epochs,
+        "sites_left_out": unusable,
+    }
