@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -29,17 +29,17 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class Task(str, Enum):
+class Task(StrEnum):
     risk = "risk"
     rehab = "rehab"
 
 
-class Dataset(str, Enum):
+class Dataset(StrEnum):
     synthetic = "synthetic"
     heart_disease = "heart-disease"
 
 
-class Model(str, Enum):
+class Model(StrEnum):
     logreg = "logreg"
     mlp = "mlp"
 

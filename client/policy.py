@@ -8,18 +8,13 @@ not train (fail closed).
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed.common.atomic import atomic_write_text
 from medfed.common.config import RunSettings, describe_validation_error
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 POLICY_NAME = "site.toml"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -273,7 +273,7 @@ class Site:
             num_samples=len(prep.train),
             samples_per_patient=1,
             reason="",
-            timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         append_entry(self.ledger_path, entry)
 
@@ -301,7 +301,7 @@ class Site:
             num_samples=0,
             samples_per_patient=1,
             reason=decision.reason,
-            timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         append_entry(self.ledger_path, entry)
 
