@@ -1,0 +1,66 @@
+"""The medfed command: help everywhere, synthetic data, one-line errors."""
+
+import pytest
+from typer.testing import CliRunner
+
+from medfed.cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--help"], ["simulate", "--help"], ["synth", "--help"], ["synth", "risk", "--help"]],
+)
+def test_help_everywhere(args):
+    result = runner.invoke(app, args)
+    assert "Usage" in result.output
+    assert result.exit_code in (0, 2)
+
+
+def test_simulate_help_lists_the_options():
+    out = runner.invoke(app, ["simulate", "--help"], terminal_width=200).output
+    for option in (
+        "--task",
+        "--dataset",
+        "--sites",
+        "--rounds",
+        "--epsilon",
+        "--delta",
+        "--seed",
+        "--out",
+    ):
+        assert option in out
+
+
+def test_synth_risk_writes_sites_with_policies(tmp_path):
+    result = runner.invoke(
+        app, ["synth", "risk", "--sites", "2", "--out", str(tmp_path), "--size-scale", "0.1"]
+    )
+    assert result.exit_code == 0, result.output
+    for i in (0, 1):
+        assert (tmp_path / f"site-{i}" / "clinical.csv").is_file()
+        assert "site_id" in (tmp_path / f"site-{i}" / "site.toml").read_text()
+
+
+def test_synth_refuses_to_overwrite(tmp_path):
+    args = ["synth", "risk", "--sites", "2", "--out", str(tmp_path), "--size-scale", "0.1"]
+    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert "error" in result.output and "overwrite" in result.output
+
+
+def test_bad_settings_fail_with_one_line_naming_the_key(tmp_path):
+    result = runner.invoke(app, ["simulate", "--epsilon", "-1", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "epsilon" in result.output
+    assert not (tmp_path / "run.json").exists()
+
+
+def test_rehab_on_heart_disease_is_rejected(tmp_path):
+    result = runner.invoke(
+        app, ["simulate", "--task", "rehab", "--dataset", "heart-disease", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 1
+    assert "rehab" in result.output and "heart-disease" in result.output
