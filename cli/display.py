@@ -84,24 +84,15 @@ METRIC_ORDER = (
 
 def summary_tables(result: SimulationResult) -> list[Table]:
     """Per-site privacy table and global-metrics table."""
-    sites = Table(title="Sites: privacy spent and data used")
-    for col in (
-        "site",
-        "ε spent/budget",
-        "δ",
-        "noise σ",
-        "rounds",
-        "declined",
-        "records",
-        "skipped",
-    ):
-        sites.add_column(col, justify="left" if col == "site" else "right")
     delta = result.run["settings"]["delta"]
+    sites = Table(title=f"Sites: privacy spent (δ={delta:g}) and data used")
+    sites.add_column("site", no_wrap=True)
+    for col in ("ε spent/budget", "noise σ", "rounds", "declined", "records", "skipped"):
+        sites.add_column(col, justify="right")
     for site in sorted(result.run["sites"].values(), key=lambda s: s["site_id"]):
         sites.add_row(
             site["site_id"],
-            f"{site['epsilon_spent']:.3f} / {site['epsilon_budget']:g}",
-            f"{delta:g}",
+            f"{site['epsilon_spent']:.3f}/{site['epsilon_budget']:g}",
             f"{site['noise_multiplier']:.3f}",
             str(site["rounds_trained"]),
             str(site["rounds_declined"]),
@@ -110,9 +101,9 @@ def summary_tables(result: SimulationResult) -> list[Table]:
         )
     metrics = Table(title="Global model on the sites' test splits")
     metrics.add_column("metric")
-    metrics.add_column("federated (DP + SecAgg+)", justify="right")
+    metrics.add_column("federated, DP", justify="right")
     if result.reference is not None:
-        metrics.add_column("pooled, no privacy (reference)", justify="right")
+        metrics.add_column("pooled, no DP", justify="right")
     final = result.run.get("final_metrics") or {}
     for name in METRIC_ORDER:
         if name not in final and not (result.reference and name in result.reference):
