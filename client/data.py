@@ -84,6 +84,8 @@ def load_site_data(path: Path, spec: TaskSpec, strict: bool = False) -> SiteData
     seen: set[str] = set()
     for i, record in enumerate(frame.to_dict("records")):
         line = i + 1 + HEADER_LINES
+        if all(str(v).strip() == "" for v in record.values()):
+            continue  # a blank line holds no patient; it only keeps line numbers right
         try:
             pid = _patient_id(record, spec, line, seen)
             features = [_encode(col, record[col.name]) for col in spec.columns]
@@ -118,7 +120,13 @@ def _read_csv(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: site data file not found")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        frame = pd.read_csv(
+            path,
+            dtype=str,
+            keep_default_na=False,
+            skipinitialspace=True,
+            skip_blank_lines=False,  # keeps row i on file line i + 2
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable CSV file ({exc})") from None
     frame.columns = [str(c).strip() for c in frame.columns]

@@ -47,7 +47,7 @@ class SitePolicy(BaseModel):
         Skip-and-count invalid CSV rows, or refuse to train on the first one.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     site_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     epsilon_budget: float = Field(10.0, gt=0, le=100)

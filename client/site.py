@@ -196,6 +196,12 @@ class Site:
         history = [*spends_for(prep.entries, prep.fingerprint), spend]
         epsilon = epsilon_of(history, prep.policy.delta)
         self._record(prep, run_id, server_round, spend, epsilon, settings.max_grad_norm)
+        if epsilon > prep.policy.epsilon_budget * (1 + 1e-9):
+            # Recorded (never under-count), but the update is not released.
+            raise SiteRefusal(
+                f"DP-SGD spent more than planned: epsilon {epsilon:.4f} is over the "
+                f"budget {prep.policy.epsilon_budget:g}; update withheld"
+            )
         metrics: dict[str, float | int | str] = {
             "site-id": prep.policy.site_id,
             "epsilon": epsilon,

@@ -43,6 +43,7 @@ def loss_function(binary: bool) -> nn.Module:
 
 def check_dp_compatible(model: nn.Module) -> None:
     """Raise ModelNotPrivateError listing every layer Opacus rejects."""
+    model.train()
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ModelNotPrivateError("; ".join(str(e) for e in errors))
@@ -84,14 +85,13 @@ def _run_epochs(model, optimizer, loader, criterion, dp: DPSettings) -> list[flo
     for _ in range(dp.local_epochs):
         for xb, yb in loader:
             optimizer.zero_grad(set_to_none=True)
-            if len(xb) == 0:
-                # An empty Poisson batch still takes a noisy step (Opacus handles it).
-                optimizer.step()
-                continue
+            # An empty Poisson batch still goes through forward/backward: its per-sample
+            # gradients are empty, and the step adds pure noise, as the accountant assumes.
             loss = criterion(model(xb), yb)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            if len(xb):
+                losses.append(float(loss.detach()))
     return losses
 
 

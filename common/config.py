@@ -64,7 +64,7 @@ class RunSettings(BaseModel):
         Largest sample count a site may report (SecAgg+ weight quantisation bound).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     task: Literal["risk", "rehab"] = "risk"
     dataset: Literal["synthetic", "heart-disease"] = "synthetic"
@@ -93,15 +93,19 @@ class RunSettings(BaseModel):
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunSettings:
         """Build settings from a Flower run config (keys use hyphens)."""
-        return cls.from_mapping({k.replace("-", "_"): v for k, v in run_config.items()})
+        values = {k.replace("-", "_"): v for k, v in run_config.items()}
+        return cls.from_mapping(values, hyphenate=True)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> RunSettings:
-        """Validate ``values``; raise ConfigError naming every bad key."""
+    def from_mapping(cls, values: Mapping[str, Any], hyphenate: bool = False) -> RunSettings:
+        """Validate ``values``; raise ConfigError naming every bad key.
+
+        ``hyphenate`` names keys as Flower's run config spells them (``num-rounds``).
+        """
         try:
             return cls(**dict(values))
         except ValidationError as exc:
-            raise ConfigError(_describe(exc, "run config")) from None
+            raise ConfigError(_describe(exc, "run config", hyphenate)) from None
         except ValueError as exc:
             raise ConfigError(f"run config: {exc}") from None
 
@@ -110,10 +114,12 @@ class RunSettings(BaseModel):
         return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
 
 
-def _describe(exc: ValidationError, where: str) -> str:
+def _describe(exc: ValidationError, where: str, hyphenate: bool = False) -> str:
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if hyphenate:
+            key = key.replace("_", "-")
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
         else:

@@ -134,6 +134,17 @@ def _parse_line(path: Path, lineno: int, line: str) -> LedgerEntry:
         raise LedgerError(
             f"{path}:{lineno}: missing fields {sorted(missing)}, unknown {sorted(unknown)}"
         )
+    for name, value in raw.items():
+        expected = _TYPES[name]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise LedgerError(
+                f"{path}:{lineno}: field '{name}' should be {_type_name(expected)}, got {value!r}"
+            )
+    if raw["kind"] not in ("train", "decline"):
+        raise LedgerError(f"{path}:{lineno}: unknown entry kind {raw['kind']!r}")
+    bad = _range_problem(raw)
+    if bad:
+        raise LedgerError(f"{path}:{lineno}: {bad}")
     if raw["version"] != LEDGER_VERSION:
         raise LedgerError(f"{path}:{lineno}: unsupported ledger version {raw['version']}")
     if raw["accountant"] != ACCOUNTANT:
@@ -142,6 +153,30 @@ def _parse_line(path: Path, lineno: int, line: str) -> LedgerEntry:
         return LedgerEntry(**raw)
     except TypeError as exc:
         raise LedgerError(f"{path}:{lineno}: {exc}") from None
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    f.name: {"int": int, "float": (int, float), "str": str}.get(str(f.type), str)
+    for f in fields(LedgerEntry)
+}
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    return "a number" if isinstance(expected, tuple) else f"of type {expected.__name__}"
+
+
+def _range_problem(raw: dict) -> str:
+    """Values a real DP-SGD spend cannot have (negative steps, a rate above 1, ...)."""
+    if raw["steps"] < 0 or raw["round"] < 0 or raw["num_samples"] < 0:
+        return "steps, round and num_samples must not be negative"
+    if raw["kind"] == "train":
+        if not 0 < raw["sample_rate"] <= 1:
+            return f"sample_rate {raw['sample_rate']} is not in (0, 1]"
+        if raw["noise_multiplier"] <= 0 or raw["steps"] == 0 or not 0 < raw["delta"] < 1:
+            return "a train entry needs a positive noise_multiplier, steps and delta in (0, 1)"
+        if raw["samples_per_patient"] < 1:
+            return "samples_per_patient must be at least 1"
+    return ""
 
 
 def _check_epsilons(path: Path, entries: list[LedgerEntry]) -> None:

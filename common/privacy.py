@@ -70,11 +70,15 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 def steps_per_round(num_samples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
     """Sampling rate and number of DP-SGD steps a site takes in one round.
 
-    Mirrors Opacus' Poisson loader: with ``b = ceil(n / batch_size)`` batches per
-    epoch, each step draws every patient independently with probability ``1 / b``,
-    and ``local_epochs`` epochs take ``local_epochs * b`` steps.
+    Mirrors what Opacus' Poisson loader does and what its accountant records: with
+    ``b = ceil(n / batch_size)`` batches, the loader samples at ``1 / b`` and one epoch
+    takes ``s = int(b)`` steps computed as ``int(1 / (1 / b))``, which floating point
+    makes ``b - 1`` for some ``b`` (e.g. 93); the accountant then records rate ``1 / s``,
+    slightly above the true rate, which only over-states epsilon.
     """
     if num_samples <= 0:
         raise ValueError("a site needs at least one training record")
-    batches = math.ceil(num_samples / batch_size)
-    return 1.0 / batches, local_epochs * batches
+    if batch_size <= 0 or local_epochs <= 0:
+        raise ValueError("batch_size and local_epochs must be positive")
+    steps_per_epoch = int(1 / (1.0 / math.ceil(num_samples / batch_size)))
+    return 1.0 / steps_per_epoch, local_epochs * steps_per_epoch

@@ -263,14 +263,6 @@ def test_all_rows_bad(write_csv: WriteCsv) -> None:
     assert str(path) in msg and "no valid rows" in msg and "2 skipped" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: client/data.py load_site_data computes line = i + 1 + HEADER_LINES from the "
-        "pandas record index, but pandas drops blank lines (skip_blank_lines), so a bad "
-        "row after a blank line is reported one line too early (line 3 instead of 4)"
-    ),
-)
 def test_line_numbers_count_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "c.csv"
     lines = csv_text([row("P1"), row("P2", age=150)]).splitlines()

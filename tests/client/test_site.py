@@ -479,15 +479,6 @@ def _big_site(tmp_path: Path, n_rows: int) -> Path:
     return site_dir
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: client/site.py plans and budget-checks a round with steps_per_round "
-        "(q=1/93, 93 steps for 1488 train records at batch 16), but Opacus takes and "
-        "records q=1/92, 92 steps; that epsilon is larger, and train_round records it "
-        "without re-checking the budget, so the ledger ends above the site budget"
-    ),
-)
 def test_recorded_epsilon_never_exceeds_budget(tmp_path: Path) -> None:
     site_dir = _big_site(tmp_path, 1984)  # 1488 train / 496 test
     settings = RunSettings(

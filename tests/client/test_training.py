@@ -93,15 +93,6 @@ def test_train_dp_trains_mlp(logistic_data: tuple[np.ndarray, np.ndarray]) -> No
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: client/training.py predict()/evaluate() leave the model in eval mode and "
-        "train_dp() validates before calling model.train(), so DP training of a model "
-        "that was just evaluated fails with ModelNotPrivateError('Model needs to be in "
-        "training mode')"
-    ),
-)
 def test_train_dp_after_evaluate(logistic_data: tuple[np.ndarray, np.ndarray]) -> None:
     X, y = logistic_data
     model = build_model("logreg", D, seed=3)
@@ -143,15 +134,6 @@ def test_model_not_private_is_value_error() -> None:
     assert issubclass(ModelNotPrivateError, ValueError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: client/training.py _run_epochs (line ~84-86) calls optimizer.step() on an "
-        "empty Poisson batch without a forward/backward pass; Opacus then raises "
-        "'Per sample gradient is not initialized' instead of taking a noise-only step "
-        "(n=3, batch_size=1: about 30% of steps are empty)"
-    ),
-)
 def test_train_dp_survives_empty_poisson_batches() -> None:
     rng = np.random.default_rng(0)
     X = rng.uniform(-1, 1, size=(3, D)).astype(np.float32)

@@ -286,14 +286,6 @@ def test_spends_for_filters_fingerprint_and_declines(tmp_path: Path) -> None:
     assert entries[3].epsilon == pytest.approx(epsilon_of([s1, s3], DELTA))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: common/ledger.py _parse_line does not check field types; a correctly hashed "
-        "line with noise_multiplier='1.1' (a string) makes read_ledger raise TypeError "
-        "from the accountant instead of LedgerError, which Site.decide does not catch"
-    ),
-)
 def test_wrongly_typed_field_raises_ledger_error(tmp_path: Path) -> None:
     path = tmp_path / LEDGER_NAME
     good = asdict(_entry([], SPENDS[0], round_=1))

@@ -96,14 +96,6 @@ def test_steps_per_round_matches_opacus_loader(n: int, b: int) -> None:
     assert steps == 2 * len(dp_loader)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: common/privacy.py steps_per_round returns local_epochs*ceil(n/b) steps, but "
-        "Opacus' Poisson sampler takes int(1/(1/ceil(n/b))) steps per epoch, which is "
-        "ceil(n/b)-1 for 93, 99, 105, 117, 123, ... batches (n=930, b=10: 93 planned, 92 taken)"
-    ),
-)
 def test_steps_per_round_matches_opacus_loader_93_batches() -> None:
     dp_loader = _opacus_loader(930, 10)
     _, steps = steps_per_round(930, 10, 1)
