@@ -37,6 +37,9 @@ class SitePolicy(BaseModel):
         a larger one.
     min_noise_multiplier : float
         Smallest DP-SGD noise multiplier the site accepts.
+    max_noise_multiplier : float
+        When the remaining budget would need more noise than this for a whole run, the
+        site declines (its update would be mostly noise).
     allowed_tasks, allowed_models : list of str
         Tasks and model families the site agrees to train.
     max_rounds_per_run : int
@@ -53,6 +56,7 @@ class SitePolicy(BaseModel):
     epsilon_budget: float = Field(10.0, gt=0, le=100)
     delta: float = Field(1e-5, gt=0, lt=1)
     min_noise_multiplier: float = Field(0.3, ge=0)
+    max_noise_multiplier: float = Field(20.0, gt=0, le=1000)
     allowed_tasks: list[str] = Field(default_factory=lambda: ["risk", "rehab"])
     allowed_models: list[str] = Field(default_factory=lambda: ["logreg", "mlp"])
     max_rounds_per_run: int = Field(100, ge=1)

@@ -42,6 +42,7 @@ from medfed.common.privacy import (
     ACCOUNTANT,
     Spend,
     calibrate_noise,
+    calibrate_noise_within,
     epsilon_of,
     steps_per_round,
 )
@@ -165,11 +166,39 @@ class Site:
         return noise, after
 
     def _noise_for_run(self, settings: RunSettings, prep: _Prepared, run_id: str) -> float:
+        """The run's noise multiplier, calibrated once per run and then read from the ledger.
+
+        It is the larger of the noise that keeps this run within the run's epsilon and
+        the noise that keeps every planned round within what is left of the site's
+        lifetime budget, so a site with little budget left joins the whole run with more
+        noise rather than stopping half way.
+        """
         for entry in prep.entries:
             if entry.kind == "train" and entry.run_id == run_id:
                 return entry.noise_multiplier
         rate, steps = steps_per_round(len(prep.train), settings.batch_size, settings.local_epochs)
-        return calibrate_noise(settings.epsilon, settings.delta, rate, steps * settings.num_rounds)
+        total = steps * settings.num_rounds
+        noise = calibrate_noise(settings.epsilon, settings.delta, rate, total)
+        history = spends_for(prep.entries, prep.fingerprint)
+        policy = prep.policy
+        if epsilon_of([*history, Spend(noise, rate, total)], policy.delta) <= policy.epsilon_budget:
+            return noise
+        fitted = calibrate_noise_within(
+            history,
+            policy.epsilon_budget,
+            policy.delta,
+            rate,
+            total,
+            policy.max_noise_multiplier,
+        )
+        if fitted is None:
+            spent = epsilon_of(history, policy.delta)
+            raise SiteRefusal(
+                f"privacy budget: epsilon {spent:.3f} of {policy.epsilon_budget:g} is spent; "
+                f"{settings.num_rounds} more round(s) would need a noise multiplier above "
+                f"the site maximum {policy.max_noise_multiplier:g}"
+            )
+        return max(noise, fitted)
 
     # -- training and evaluation -----------------------------------------------------
     def train_round(

@@ -67,6 +67,36 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     )
 
 
+def calibrate_noise_within(
+    history: list[Spend],
+    budget: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    max_noise: float,
+) -> float | None:
+    """Smallest noise multiplier keeping ``history`` plus ``steps`` new steps within budget.
+
+    Returns None when even ``max_noise`` does not fit (the budget is spent). Bisection
+    on the composed epsilon, which falls as the noise grows; the returned value always
+    satisfies the budget.
+    """
+
+    def fits(noise: float) -> bool:
+        return epsilon_of([*history, Spend(noise, sample_rate, steps)], delta) <= budget
+
+    if not fits(max_noise):
+        return None
+    lo, hi = 0.0, max_noise
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        if mid > 0 and fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def steps_per_round(num_samples: int, batch_size: int, local_epochs: int) -> tuple[float, int]:
     """Sampling rate and number of DP-SGD steps a site takes in one round.
 

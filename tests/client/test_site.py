@@ -166,7 +166,7 @@ def test_strict_policy_declines_on_bad_row(site_dir: Path, settings: RunSettings
 def test_budget_too_small_declines_and_writes_nothing(
     site_dir: Path, settings: RunSettings, weights: list[np.ndarray]
 ) -> None:
-    _policy(site_dir, epsilon_budget=0.2)
+    _policy(site_dir, epsilon_budget=0.2, max_noise_multiplier=3.0)
     site = Site(site_dir)
     decision = site.decide(settings, "run-1", 1)
     assert not decision.accept
@@ -333,10 +333,31 @@ def test_second_run_keeps_composing(
     assert decision.epsilon_after > eps[-1]
 
 
+def test_little_budget_left_means_more_noise_for_the_whole_run(
+    site_dir: Path, settings: RunSettings, weights: list[np.ndarray]
+) -> None:
+    _policy(site_dir, epsilon_budget=1.2)
+    site = Site(site_dir)
+    site.train_round(settings, "run-1", 1, weights)
+    site.train_round(settings, "run-1", 2, weights)
+    first_noise = _ledger_lines(site)[-1]["noise_multiplier"]
+    decision = site.decide(settings, "run-2", 1)
+    assert decision.accept and decision.noise_multiplier > first_noise
+    site.train_round(settings, "run-2", 1, weights)
+    site.train_round(settings, "run-2", 2, weights)
+    lines = _ledger_lines(site)
+    assert (
+        lines[-1]["noise_multiplier"]
+        == lines[-2]["noise_multiplier"]
+        == pytest.approx(decision.noise_multiplier)
+    )
+    assert lines[-1]["epsilon"] <= 1.2
+
+
 def test_run_that_would_exceed_budget_is_declined(
     site_dir: Path, settings: RunSettings, weights: list[np.ndarray]
 ) -> None:
-    _policy(site_dir, epsilon_budget=1.1)
+    _policy(site_dir, epsilon_budget=1.1, max_noise_multiplier=3.0)
     site = Site(site_dir)
     site.train_round(settings, "run-1", 1, weights)
     site.train_round(settings, "run-1", 2, weights)
@@ -391,7 +412,7 @@ def test_truncated_ledger_declines(
 
 
 def test_record_decline_writes_reason(site_dir: Path, settings: RunSettings) -> None:
-    _policy(site_dir, epsilon_budget=0.2)
+    _policy(site_dir, epsilon_budget=0.2, max_noise_multiplier=3.0)
     site = Site(site_dir)
     decision = site.decide(settings, "run-1", 1)
     assert not decision.accept

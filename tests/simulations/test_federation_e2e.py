@@ -32,7 +32,7 @@ def federation(tmp_path_factory):
     data = root / "sites"
     site_dirs = generate_risk_sites(4, data, seed=7, size_scale=0.3)
     for i, d in enumerate(site_dirs):
-        budget = 0.2 if i == 2 else 20.0
+        budget = 0.01 if i == 2 else 20.0
         write_policy(d / "site.toml", SitePolicy(site_id=f"h{i}", epsilon_budget=budget))
     _corrupt_rows(site_dirs[1] / "clinical.csv")
     _drop_column(site_dirs[3] / "clinical.csv", "smoking")
@@ -119,7 +119,7 @@ def test_declining_site_records_refusals_and_spends_nothing(federation):
     entries = read_ledger(site_dirs[2] / "ledger.jsonl")
     assert entries and all(e.kind == "decline" for e in entries)
     assert all("budget" in e.reason for e in entries)
-    assert load_policy(site_dirs[2] / "site.toml").epsilon_budget == 0.2
+    assert load_policy(site_dirs[2] / "site.toml").epsilon_budget == 0.01
 
 
 def test_checkpoints_after_every_round(federation):
