@@ -111,7 +111,7 @@ def load_site_data(path: Path, spec: TaskSpec, strict: bool = False) -> SiteData
         ids=ids,
         X=np.asarray(rows, dtype=np.float32),
         y=np.asarray(targets, dtype=np.float32),
-        total_rows=len(frame),
+        total_rows=len(ids) + len(skipped),
         skipped=skipped,
     )
 

@@ -8,21 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from medfed.simulations.synthetic import generate_risk_sites
+from medfed.simulations.synthetic import COLUMNS, generate_risk_sites
 
-HEADER = (
-    "patient_id",
-    "age",
-    "sex",
-    "bmi",
-    "family_history",
-    "smoking",
-    "systolic_bp",
-    "outcome",
-    "treatment_time",
-    "severity",
-    "progress",
-)
+HEADER = COLUMNS
 
 GOOD_ROW = {
     "patient_id": "P001",
