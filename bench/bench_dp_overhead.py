@@ -474,6 +474,9 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=None, help="steps per block (50; quick 30)")
     parser.add_argument("--site", type=int, default=2, help="synthetic site whose data is used")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="expected batch (default: the CLI's)"
+    )
     args = parser.parse_args()
     repeats = args.repeats or (7 if args.quick else 41)
     block = args.block or (30 if args.quick else 50)
@@ -489,7 +492,8 @@ def main() -> None:
     from medfed.common.tasks import get_task_spec
     from medfed.simulations.synthetic import generate_risk_sites
 
-    d = DATASET_DEFAULTS["synthetic"]
+    d = dict(DATASET_DEFAULTS["synthetic"])
+    d["batch_size"] = args.batch_size or d["batch_size"]
     spec = get_task_spec("risk", "synthetic")
     with tempfile.TemporaryDirectory(prefix="medfed-bench-dp-") as tmp:
         site_dirs = generate_risk_sites(max(3, args.site + 1), Path(tmp), seed=args.seed)

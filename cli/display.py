@@ -65,6 +65,8 @@ class RoundProgress:
                 f"  round {event['round']}: {event['status']}"
                 f" ({len(event.get('participants', []))} sites) {shown}"
             )
+            if event.get("note"):
+                self.progress.console.print(f"  [yellow]{event['note']}[/]")
 
     def _describe(self, text: str) -> None:
         self.progress.update(self.task, description=text)

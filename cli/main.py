@@ -176,6 +176,13 @@ def simulate(
         return
     for table in summary_tables(result):
         console.print(table)
+    rounds = result.run["rounds"]
+    done = sum(r["status"] == "aggregated" for r in rounds)
+    if done < len(rounds):
+        for r in rounds:
+            if r["status"] != "aggregated":
+                console.print(f"[yellow]round {r['round']} {r['status']}[/]: {r['note']}")
+    console.print(f"{done} of {len(rounds)} rounds aggregated.")
     console.print(
         f"Finished in {result.seconds:.1f}s. Run record: "
         f"{result.out_dir / 'run.json'}; site ledgers: "

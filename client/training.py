@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 from opacus.validators import ModuleValidator
+from scipy.special import expit
 from sklearn.metrics import accuracy_score, mean_absolute_error, r2_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -134,6 +135,26 @@ def train_plain(
     return float(loss.detach())
 
 
+def fit_full_batch(
+    model: nn.Module, X: np.ndarray, y: np.ndarray, binary: bool, max_iter: int = 200
+) -> float:
+    """Non-private full-batch L-BFGS to (near) convergence: references only."""
+    inputs, targets = torch.from_numpy(X), torch.from_numpy(y)
+    criterion = loss_function(binary)
+    optimizer = torch.optim.LBFGS(
+        model.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe"
+    )
+    model.train()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(inputs), targets)
+        loss.backward()
+        return loss
+
+    return float(optimizer.step(closure).detach())
+
+
 @torch.no_grad()
 def predict(model: nn.Module, X: np.ndarray) -> np.ndarray:
     """Raw model outputs (logits for risk, scaled values for rehab)."""
@@ -152,7 +173,7 @@ def evaluate(
     criterion = loss_function(binary)
     loss = float(criterion(torch.from_numpy(out), torch.from_numpy(y)))
     if binary:
-        prob = 1.0 / (1.0 + np.exp(-out))
+        prob = expit(out)
         metrics = {"loss": loss, "accuracy": float(accuracy_score(y, prob >= 0.5))}
         if len(np.unique(y)) == 2:
             metrics["auc"] = float(roc_auc_score(y, prob))

@@ -57,7 +57,10 @@ class RunSettings(BaseModel):
     out_dir : str
         Where the coordinator writes run.json, checkpoints and progress events.
     secagg_timeout : float
-        Seconds each secure-aggregation stage waits for replies.
+        Seconds each secure-aggregation stage (and evaluation) waits for replies.
+    ask_timeout : float
+        Seconds the coordinator waits for sites to answer "will you train this round?";
+        longer, because a site's first message also starts its ClientApp.
     secagg_threshold : float
         Share of a site's neighbours needed to unmask (SecAgg+ reconstruction threshold).
     max_weight : float
@@ -82,6 +85,7 @@ class RunSettings(BaseModel):
     data_root: str = "medfed-data/synthetic-risk"
     out_dir: str = "medfed-runs/latest"
     secagg_timeout: float = Field(60.0, gt=0)
+    ask_timeout: float = Field(300.0, gt=0)
     secagg_threshold: float = Field(0.66, gt=0, le=1)
     max_weight: float = Field(100000.0, gt=1)
 

@@ -1,8 +1,8 @@
 """Model definitions shared by the sites (which train them) and the coordinator.
 
 No BatchNorm anywhere: per-sample gradients under DP-SGD need every sample's
-computation to be independent of the others in its batch. The MLP uses GroupNorm,
-which Opacus' ModuleValidator accepts.
+computation to be independent of the others in its batch (Opacus' ModuleValidator
+checks this before every round).
 """
 
 from __future__ import annotations
@@ -29,16 +29,19 @@ class LinearModel(nn.Module):
 
 
 class SmallMLP(nn.Module):
-    """Two hidden layers with GroupNorm and ReLU; one output (logit or value)."""
+    """Two hidden ReLU layers and one output (logit or value).
 
-    def __init__(self, num_features: int, hidden: int = 32, groups: int = 4) -> None:
+    No normalisation layer: the inputs are already scaled to [-1, 1] by public ranges,
+    and every normalisation layer adds per-sample-gradient work to each DP-SGD step.
+    (Where one is needed, it must be GroupNorm or LayerNorm, never BatchNorm.)
+    """
+
+    def __init__(self, num_features: int, hidden: int = 32) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(num_features, hidden),
-            nn.GroupNorm(groups, hidden),
             nn.ReLU(),
             nn.Linear(hidden, hidden),
-            nn.GroupNorm(groups, hidden),
             nn.ReLU(),
             nn.Linear(hidden, 1),
         )

@@ -27,6 +27,7 @@ class RoundRecord:
     participants: list[str] = field(default_factory=list)
     declined: dict[str, str] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
+    no_reply: list[str] = field(default_factory=list)
     aggregate_metrics: dict[str, Any] = field(default_factory=dict)
     site_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     checkpoint: str = ""

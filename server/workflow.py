@@ -76,6 +76,7 @@ class MedfedWorkflow:
         self.out_dir = out_dir
         self.expected_sites = expected_sites
         self.model_meta = model_meta
+        self._node_names: dict[int, str] = {}
 
     def __call__(self, grid: Grid, context: LegacyContext) -> RunRecord:
         record = RunRecord(
@@ -125,15 +126,25 @@ class MedfedWorkflow:
         replies = self._ask_sites(grid, context, server_round)
         rnd = RoundRecord(round=server_round, status="skipped")
         accepted = {nid: r for nid, r in replies.items() if r.get(ACCEPT_KEY)}
-        for reply in replies.values():
+        for nid, reply in replies.items():
+            self._node_names[nid] = str(reply[SITE_ID_KEY])
             self._note_decision(record, reply)
             if not reply.get(ACCEPT_KEY):
                 rnd.declined[str(reply[SITE_ID_KEY])] = str(reply.get(REASON_KEY, ""))
+        rnd.no_reply = sorted(
+            self._node_names.get(p.node_id, f"node {p.node_id}")
+            for p in context.client_manager.all().values()
+            if p.node_id not in replies
+        )
         if len(accepted) < self.settings.min_sites:
             rnd.note = (
                 f"only {len(accepted)} site(s) accepted; at least {self.settings.min_sites} "
                 "are needed for secure aggregation"
             )
+            if rnd.no_reply:
+                rnd.note += f"; no answer within {self.settings.ask_timeout:g}s from " + ", ".join(
+                    rnd.no_reply
+                )
         else:
             strategy.select(set(accepted))
             self._secure_fit(grid, context, accepted)
@@ -174,7 +185,7 @@ class MedfedWorkflow:
             for nid in node_ids
         ]
         replies: dict[int, dict[str, Any]] = {}
-        for msg in grid.send_and_receive(messages, timeout=self.settings.secagg_timeout):
+        for msg in grid.send_and_receive(messages, timeout=self.settings.ask_timeout):
             if not msg.has_content():
                 continue
             res = compat.recorddict_to_getpropertiesres(msg.content)
