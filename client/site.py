@@ -109,7 +109,17 @@ class Site:
         try:
             prep = self._prepare(settings)
         except (PolicyError, DataError, LedgerError) as exc:
-            return Decision(self._site_id_or_dir(), False, str(exc), 0, 0, 0, 0, 0, 0)
+            return Decision(
+                site_id=self._site_id_or_dir(),
+                accept=False,
+                reason=str(exc),
+                epsilon_spent=0.0,
+                epsilon_after=0.0,
+                epsilon_budget=0.0,
+                noise_multiplier=0.0,
+                records_used=0,
+                records_skipped=0,
+            )
         spent = epsilon_of(spends_for(prep.entries, prep.fingerprint), prep.policy.delta)
         base = dict(
             site_id=prep.policy.site_id,
