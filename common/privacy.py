@@ -55,8 +55,9 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         raise ValueError(f"steps must be positive, got {steps}")
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    return float(
-        get_noise_multiplier(
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        noise = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
             sample_rate=sample_rate,
@@ -64,7 +65,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             accountant=ACCOUNTANT,
             epsilon_tolerance=0.005,
         )
-    )
+    return float(noise)
 
 
 def calibrate_noise_within(
