@@ -26,7 +26,6 @@ from flwr.common import (
     Code,
     EvaluateRes,
     GetPropertiesIns,
-    ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.common.constant import MessageTypeLegacy
@@ -307,8 +306,3 @@ class MedfedWorkflow:
             "RandomState; key-agreement keys not authenticated (replaced in a later "
             "release).",
         }
-
-
-def initial_parameters(weights: list) -> Any:
-    """Flower Parameters for the initial global model."""
-    return ndarrays_to_parameters(weights)
