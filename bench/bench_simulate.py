@@ -159,7 +159,7 @@ def phases(
         last = max(flower_end, last)
     after_run = _first(lines, last, ("━", "┏", "Sites:", "Finished in"))
     if after_run is not None:
-        marks.append(("pooled non-private reference (60 epochs)", after_run))
+        marks.append(("pooled non-private reference", after_run))
     marks.append(("summary tables + interpreter exit", ended))
     out: list[dict[str, Any]] = []
     previous = started

@@ -271,7 +271,7 @@ def bench_heart(seeds: list[int]) -> dict[str, Any]:
             fed_mean if len(runs) == 1 else f"{fed_mean:.4f} +- {fed_std:.4f}",
         ],
         [
-            "medfed pooled reference (no DP, 60 epochs)",
+            "medfed pooled reference (no DP, converged)",
             ref_mean if len(runs) == 1 else f"{ref_mean:.4f} +- {ref_std:.4f}",
         ],
         *[[name, value] for name, value in FLAMBY_HEART],
