@@ -221,6 +221,65 @@ def synth_risk(
         console.print(f"{site_dir}: {rows} patients")
 
 
+def _synth_imaging(
+    modality: str,
+    sites: int,
+    out: Path,
+    seed: int,
+    patients: int | None,
+    image_size: int,
+    overwrite: bool,
+) -> None:
+    from medfed.simulations.synthetic_imaging import generate_imaging_sites
+
+    try:
+        site_dirs = generate_imaging_sites(
+            modality,
+            sites,
+            out,
+            seed=seed,
+            image_size=image_size,
+            patients_per_site=patients,
+            overwrite=overwrite,
+        )
+    except (ValueError, FileExistsError, OSError) as exc:
+        fail(str(exc))
+    for site_dir in site_dirs:
+        files = sum(1 for _ in (site_dir / "dicom").rglob("*.dcm"))
+        patients_n = sum(1 for _ in (site_dir / "labels.csv").open()) - 1
+        console.print(f"{site_dir}: {patients_n} patients, {files} DICOM files")
+
+
+@synth_app.command("xray")
+def synth_xray(
+    sites: int = typer.Option(3, min=1, max=26, help="Number of hospitals."),
+    out: Path = typer.Option(..., help="Folder to create site-0, site-1, ... in."),
+    seed: int = typer.Option(42, help="Seed; the same seed gives identical files."),
+    patients: int | None = typer.Option(
+        None, min=1, help="Patients per site [default: 24-40, differing by site]."
+    ),
+    image_size: int = typer.Option(64, min=16, help="Rows and columns of each image."),
+    overwrite: bool = typer.Option(False, help="Replace existing sites."),
+) -> None:
+    """Write synthetic chest radiographs (DICOM DX, some RLE-compressed) + labels.csv."""
+    _synth_imaging("xray", sites, out, seed, patients, image_size, overwrite)
+
+
+@synth_app.command("ct")
+def synth_ct(
+    sites: int = typer.Option(3, min=1, max=26, help="Number of hospitals."),
+    out: Path = typer.Option(..., help="Folder to create site-0, site-1, ... in."),
+    seed: int = typer.Option(42, help="Seed; the same seed gives identical files."),
+    patients: int | None = typer.Option(
+        None, min=1, help="Patients per site [default: 24-40, differing by site]."
+    ),
+    image_size: int = typer.Option(64, min=16, help="Rows and columns of each slice."),
+    overwrite: bool = typer.Option(False, help="Replace existing sites."),
+) -> None:
+    """Write synthetic chest CT series (DICOM CT, HU via rescale) + labels.csv."""
+    _synth_imaging("ct", sites, out, seed, patients, image_size, overwrite)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -64,3 +64,15 @@ def test_rehab_on_heart_disease_is_rejected(tmp_path):
     )
     assert result.exit_code == 1
     assert "rehab" in result.output and "heart-disease" in result.output
+
+
+@pytest.mark.parametrize("modality", ["xray", "ct"])
+def test_synth_imaging_writes_dicom_sites(tmp_path, modality):
+    result = runner.invoke(
+        app, ["synth", modality, "--sites", "2", "--patients", "2", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "DICOM files" in result.output
+    for i in (0, 1):
+        assert (tmp_path / f"site-{i}" / "labels.csv").is_file()
+        assert any((tmp_path / f"site-{i}" / "dicom").rglob("*.dcm"))
