@@ -27,14 +27,24 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class SkippedRow:
-    """A row left out of training, with the file line, column and reason."""
+    """A row left out of training, with the file line, column and reason.
+
+    ``reason`` may quote the offending cell and stays at the site (data_report.json);
+    ``problem`` says what was wrong without the value, for messages that can reach the
+    coordinator (a decline reason).
+    """
 
     line: int
     column: str
     reason: str
+    problem: str = ""
 
     def __str__(self) -> str:
         return f"line {self.line}, column '{self.column}': {self.reason}"
+
+    def public(self) -> str:
+        """Line, column and problem, never the patient's value."""
+        return f"line {self.line}, column '{self.column}': {self.problem or self.reason}"
 
 
 @dataclass
@@ -91,9 +101,9 @@ def load_site_data(path: Path, spec: TaskSpec, strict: bool = False) -> SiteData
             features = [_encode(col, record[col.name]) for col in spec.columns]
             target = _encode_target(spec, record[spec.target.name])
         except _BadCell as bad:
-            skip = SkippedRow(line, bad.column, bad.reason)
+            skip = SkippedRow(line, bad.column, bad.reason, bad.problem)
             if strict:
-                raise DataError(f"{path}: {skip}") from None
+                raise DataError(f"{path}: {skip.public()}") from None
             skipped.append(skip)
             continue
         seen.add(pid)
@@ -103,7 +113,7 @@ def load_site_data(path: Path, spec: TaskSpec, strict: bool = False) -> SiteData
     if not rows:
         raise DataError(
             f"{path}: no valid rows ({len(skipped)} skipped; first: "
-            f"{skipped[0] if skipped else 'file is empty'})"
+            f"{skipped[0].public() if skipped else 'file is empty'})"
         )
     return SiteData(
         spec=spec,
@@ -134,9 +144,10 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 class _BadCell(Exception):
-    def __init__(self, column: str, reason: str) -> None:
+    def __init__(self, column: str, problem: str, value: object = None) -> None:
+        reason = problem if value is None else f"{problem}, got {value}"
         super().__init__(reason)
-        self.column, self.reason = column, reason
+        self.column, self.problem, self.reason = column, problem, reason
 
 
 def _patient_id(record: dict, spec: TaskSpec, line: int, seen: set[str]) -> str:
@@ -157,9 +168,9 @@ def _number(col: Column, raw: object) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise _BadCell(col.name, f"expected a number, got {text!r}") from None
+        raise _BadCell(col.name, "expected a number", repr(text)) from None
     if not np.isfinite(value):
-        raise _BadCell(col.name, f"expected a finite number, got {text!r}")
+        raise _BadCell(col.name, "expected a finite number", repr(text))
     if col.zero_is_missing and value == 0:
         return None
     return value
@@ -172,11 +183,11 @@ def _checked(col: Column, raw: object) -> float | None:
             raise _BadCell(col.name, "missing value")
         return None
     if col.kind == "categorical" and value not in col.categories:
-        raise _BadCell(col.name, f"expected one of {list(col.categories)}, got {value:g}")
+        raise _BadCell(col.name, f"expected one of {list(col.categories)}", f"{value:g}")
     if col.kind == "binary" and value not in (0, 1):
-        raise _BadCell(col.name, f"expected 0 or 1, got {value:g}")
+        raise _BadCell(col.name, "expected 0 or 1", f"{value:g}")
     if not col.low <= value <= col.high:
-        raise _BadCell(col.name, f"value {value:g} outside [{col.low:g}, {col.high:g}]")
+        raise _BadCell(col.name, f"value outside [{col.low:g}, {col.high:g}]", f"{value:g}")
     return value
 
 

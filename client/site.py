@@ -36,6 +36,7 @@ from medfed.common.ledger import (
     read_ledger,
     spends_for,
 )
+from medfed.common.messages import SITE_ID_KEY, SUPPRESSED_KEY
 from medfed.common.models import build_model
 from medfed.common.params import get_weights, set_weights
 from medfed.common.privacy import (
@@ -264,14 +265,14 @@ class Site:
         try:
             prep = self._prepare(settings)
         except (PolicyError, DataError, LedgerError) as exc:
-            return 0.0, 0, {"site-id": self._site_id_or_dir(), "suppressed": str(exc)}
+            return 0.0, 0, {SITE_ID_KEY: self._site_id_or_dir(), SUPPRESSED_KEY: str(exc)}
         spec = prep.test.spec
         model = build_model(settings.model, spec.num_features, settings.seed)
         set_weights(model, weights)
         n = len(prep.test)
         info: dict[str, float | int | str] = {"site-id": prep.policy.site_id}
         if n < prep.policy.min_cohort:
-            info["suppressed"] = f"test split of {n} is below the minimum cohort"
+            info[SUPPRESSED_KEY] = f"test split of {n} is below the minimum cohort"
             return 0.0, 0, info
         span = (
             1.0

@@ -77,6 +77,8 @@ class SiteSelectingFedAvg(FedAvg):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[Any],
     ) -> tuple[float | None, dict[str, Scalar]]:
+        """Keep every site's report; average only the sites that released metrics."""
+        self.eval_reports = {}
         released = []
         for _, res in results:
             site = str(res.metrics.get(SITE_ID_KEY, "?"))

@@ -24,7 +24,6 @@ from flwr.app import ConfigRecord, Message
 from flwr.app.message_type import MessageType
 from flwr.common import (
     Code,
-    EvaluateRes,
     GetPropertiesIns,
     parameters_to_ndarrays,
 )
@@ -40,7 +39,7 @@ from medfed.common.config import RunSettings
 from medfed.common.messages import ACCEPT_KEY, REASON_KEY, ROUND_KEY, SITE_ID_KEY
 from medfed.server.checkpoint import save_checkpoint
 from medfed.server.run_record import RoundRecord, RunRecord, emit_event
-from medfed.server.strategy import SiteSelectingFedAvg, weighted_means
+from medfed.server.strategy import SiteSelectingFedAvg
 
 SITE_WAIT_SECONDS = 120.0
 
@@ -227,6 +226,7 @@ class MedfedWorkflow:
             context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
         )
         instructions = strategy.configure_evaluate(server_round, parameters, context.client_manager)
+        proxies = {proxy.node_id: proxy for proxy, _ in instructions}
         messages = [
             Message(
                 content=compat.evaluateins_to_recorddict(ins, True),
@@ -236,24 +236,15 @@ class MedfedWorkflow:
             )
             for proxy, ins in instructions
         ]
-        results: list[EvaluateRes] = []
-        per_site: dict[str, dict[str, Any]] = {}
+        results = []
         for msg in grid.send_and_receive(messages, timeout=self.settings.secagg_timeout):
             if not msg.has_content():
                 continue
             res = compat.recorddict_to_evaluateres(msg.content)
-            if res.status.code != Code.OK:
-                continue
-            site = str(res.metrics.get(SITE_ID_KEY, msg.metadata.src_node_id))
-            per_site[site] = {
-                "num_examples": res.num_examples,
-                "loss": res.loss,
-                **res.metrics,
-            }
-            if "suppressed" not in res.metrics and res.num_examples > 0:
-                results.append(res)
-        loss, metrics = weighted_means(results)
-        return loss, metrics, per_site
+            if res.status.code == Code.OK:
+                results.append((proxies[msg.metadata.src_node_id], res))
+        loss, metrics = strategy.aggregate_evaluate(server_round, results, [])
+        return loss, metrics, strategy.eval_reports
 
     def _checkpoint(self, context: LegacyContext, server_round: int) -> tuple[str, str]:
         parameters = compat.arrayrecord_to_parameters(

@@ -184,7 +184,9 @@ def test_out_of_range_is_skipped(write_csv: WriteCsv, column: str, value: object
     path = write_csv([row("P1"), row("P2", **{column: value}), row("P3")])
     data = load_site_data(path, SYNTHETIC_RISK)
     assert data.ids == ["P1", "P3"]
-    assert "outside" in _only_skip(data, 3, column)
+    reason = _only_skip(data, 3, column)
+    assert "outside" in reason and str(value) in reason  # the site-local report keeps it
+    assert str(value) not in data.skipped[0].public()
 
 
 @pytest.mark.parametrize(("column", "value"), [("sex", 2), ("smoking", "0.5"), ("outcome", 3)])
@@ -248,6 +250,7 @@ def test_strict_raises_naming_line_and_column(write_csv: WriteCsv) -> None:
     assert str(path) in msg
     assert "line 4" in msg
     assert "age" in msg
+    assert "150" not in msg  # the error can reach the coordinator: no patient value
 
 
 def test_strict_accepts_clean_file(write_csv: WriteCsv) -> None:
@@ -261,6 +264,7 @@ def test_all_rows_bad(write_csv: WriteCsv) -> None:
         load_site_data(path, SYNTHETIC_RISK)
     msg = str(info.value)
     assert str(path) in msg and "no valid rows" in msg and "2 skipped" in msg
+    assert "150" not in msg
 
 
 def test_line_numbers_count_blank_lines(tmp_path: Path) -> None:

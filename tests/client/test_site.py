@@ -150,7 +150,7 @@ def test_skipped_rows_are_counted(site: Site, settings: RunSettings) -> None:
     assert (decision.records_used, decision.records_skipped) == (TOTAL, 1)
     report = json.loads((site.data_dir / DATA_REPORT_NAME).read_text())
     assert report["skipped_rows"] == [
-        {"line": TOTAL + 2, "column": "age", "reason": "value 150 outside [18, 100]"}
+        {"line": TOTAL + 2, "column": "age", "reason": "value outside [18, 100], got 150"}
     ]
 
 
@@ -161,6 +161,7 @@ def test_strict_policy_declines_on_bad_row(site_dir: Path, settings: RunSettings
     decision = Site(site_dir).decide(settings, "run-1", 1)
     assert not decision.accept
     assert f"line {TOTAL + 2}" in decision.reason and "sex" in decision.reason
+    assert "got 5" not in decision.reason  # the reason reaches the coordinator
 
 
 def test_budget_too_small_declines_and_writes_nothing(
