@@ -32,6 +32,8 @@ err_console = Console(stderr=True)
 class Task(StrEnum):
     risk = "risk"
     rehab = "rehab"
+    xray = "xray"
+    ct = "ct"
 
 
 class Dataset(StrEnum):
@@ -42,6 +44,11 @@ class Dataset(StrEnum):
 class Model(StrEnum):
     logreg = "logreg"
     mlp = "mlp"
+    cnn2d = "cnn2d"
+    cnn3d = "cnn3d"
+
+
+DEFAULT_MODEL = {"risk": "logreg", "rehab": "logreg", "xray": "cnn2d", "ct": "cnn3d"}
 
 
 DATASET_DEFAULTS = {
@@ -63,6 +70,30 @@ DATASET_DEFAULTS = {
         "local_epochs": 2,
     },
 }
+# Imaging tasks (synthetic DICOM hospitals): chosen with bench/bench_utility.py.
+IMAGING_DEFAULTS = {
+    "xray": {
+        "epsilon": 8.0,
+        "rounds": 5,
+        "test_fraction": 0.25,
+        "batch_size": 32,
+        "learning_rate": 0.5,
+        "local_epochs": 2,
+    },
+    "ct": {
+        "epsilon": 8.0,
+        "rounds": 5,
+        "test_fraction": 0.25,
+        "batch_size": 32,
+        "learning_rate": 0.5,
+        "local_epochs": 2,
+    },
+}
+
+
+def run_defaults(task: str, dataset: str) -> dict[str, float | int]:
+    """Defaults of `medfed simulate` for a task on a dataset."""
+    return IMAGING_DEFAULTS.get(task) or DATASET_DEFAULTS[dataset]
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -75,7 +106,8 @@ def fail(message: str, code: int = 1) -> None:
 def simulate(
     task: Task = typer.Option(
         Task.risk,
-        help="risk: binary disease risk; rehab: rehabilitation progress (regression).",
+        help="risk: binary disease risk; rehab: rehabilitation progress (regression); "
+        "xray: nodule on chest radiographs (DICOM); ct: lesion in chest CT volumes (DICOM).",
     ),
     dataset: Dataset = typer.Option(
         Dataset.synthetic,
@@ -88,14 +120,21 @@ def simulate(
         help="Synthetic hospitals to create (heart-disease always has 4).",
     ),
     rounds: int | None = typer.Option(
-        None, min=1, help="Federated rounds [default: 3 synthetic, 5 heart-disease]."
+        None,
+        min=1,
+        help="Federated rounds [default: 3 synthetic, 5 heart-disease, 5 xray/ct].",
     ),
     epsilon: float | None = typer.Option(
         None,
-        help="Epsilon each site may spend in this run [default: 3 synthetic, 1 heart-disease].",
+        help="Epsilon each site may spend in this run "
+        "[default: 3 synthetic, 1 heart-disease, 8 xray/ct].",
     ),
     delta: float = typer.Option(1e-5, help="Delta of the (epsilon, delta) guarantee."),
-    model: Model = typer.Option(Model.logreg, help="logreg (linear) or mlp."),
+    model: Model | None = typer.Option(
+        None,
+        help="logreg or mlp for risk/rehab, cnn2d for xray, cnn3d for ct "
+        "[default: logreg, cnn2d, cnn3d].",
+    ),
     seed: int = typer.Option(42, help="Seed for data generation, splits and model init."),
     out: Path | None = typer.Option(
         None, help="Output folder [default: medfed-runs/sim-<timestamp>]."
@@ -113,6 +152,17 @@ def simulate(
     batch_size: int | None = typer.Option(None, min=1, help="Expected DP-SGD batch size."),
     learning_rate: float | None = typer.Option(None, help="Site SGD learning rate."),
     max_grad_norm: float = typer.Option(1.0, help="Per-sample clipping norm."),
+    patients: int | None = typer.Option(
+        None,
+        min=1,
+        help="Synthetic imaging hospitals: patients per site [default: 120 xray, 90 ct].",
+    ),
+    samples_per_patient: int = typer.Option(
+        1,
+        min=1,
+        help="Imaging: most images (studies) one patient contributes; >1 is recorded in "
+        "the ledger and weakens protection to that of a group of k samples.",
+    ),
     reference: bool = typer.Option(
         True, help="Also train the pooled non-private reference (simulation only)."
     ),
@@ -128,14 +178,14 @@ def simulate(
     from medfed.cli.display import RoundProgress, summary_tables
     from medfed.simulations.runner import SimulationError, SimulationPlan, run
 
-    defaults = DATASET_DEFAULTS[dataset.value]
+    defaults = run_defaults(task.value, dataset.value)
     out_dir = out or Path("medfed-runs") / datetime.now().strftime("sim-%Y%m%d-%H%M%S")
     try:
         settings = RunSettings.from_mapping(
             {
                 "task": task.value,
                 "dataset": dataset.value,
-                "model": model.value,
+                "model": model.value if model else DEFAULT_MODEL[task.value],
                 "num_rounds": rounds or defaults["rounds"],
                 "epsilon": epsilon if epsilon is not None else defaults["epsilon"],
                 "delta": delta,
@@ -147,6 +197,7 @@ def simulate(
                 "test_fraction": defaults["test_fraction"],
                 "data_root": str(data_dir or out_dir / "sites"),
                 "out_dir": str(out_dir),
+                "samples_per_patient": samples_per_patient,
             }
         )
     except ConfigError as exc:
@@ -157,6 +208,7 @@ def simulate(
         site_budget=site_budget,
         reference=reference,
         verbose=verbose,
+        patients_per_site=patients,
     )
     try:
         if json_out:

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed.common.atomic import atomic_write_text
 from medfed.common.config import RunSettings, describe_validation_error
+from medfed.common.models import MODELS
+from medfed.common.tasks import TASKS
 
 POLICY_NAME = "site.toml"
 
@@ -48,6 +50,13 @@ class SitePolicy(BaseModel):
         Fewest patients any released metric may be computed over.
     on_bad_row : {"skip", "error"}
         Skip-and-count invalid CSV rows, or refuse to train on the first one.
+    require_deidentified : bool
+        Imaging: train only on DICOM that has passed de-identification (every file
+        used has PatientIdentityRemoved = YES and a DeidentificationMethod, as
+        `medfed data deid` writes them).
+    max_samples_per_patient : int
+        Imaging: the largest per-patient cap k a run may ask for; 1 means DP protects
+        each patient directly.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -57,11 +66,13 @@ class SitePolicy(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1)
     min_noise_multiplier: float = Field(0.3, ge=0)
     max_noise_multiplier: float = Field(20.0, gt=0, le=1000)
-    allowed_tasks: list[str] = Field(default_factory=lambda: ["risk", "rehab"])
-    allowed_models: list[str] = Field(default_factory=lambda: ["logreg", "mlp"])
+    allowed_tasks: list[str] = Field(default_factory=lambda: list(TASKS))
+    allowed_models: list[str] = Field(default_factory=lambda: list(MODELS))
     max_rounds_per_run: int = Field(100, ge=1)
     min_cohort: int = Field(20, ge=1)
     on_bad_row: str = Field("skip", pattern="^(skip|error)$")
+    require_deidentified: bool = False
+    max_samples_per_patient: int = Field(1, ge=1, le=100)
 
     def refusal(self, settings: RunSettings) -> str | None:
         """Why this policy forbids ``settings``, or None if it allows them."""
@@ -76,6 +87,11 @@ class SitePolicy(BaseModel):
             )
         if settings.delta > self.delta:
             return f"delta {settings.delta:g} requested exceeds site policy delta {self.delta:g}"
+        if settings.samples_per_patient > self.max_samples_per_patient:
+            return (
+                f"{settings.samples_per_patient} samples per patient requested, site policy "
+                f"allows at most {self.max_samples_per_patient}"
+            )
         return None
 
 

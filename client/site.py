@@ -24,6 +24,13 @@ from medfed.client.data import (
     load_site_data,
     split_train_test,
 )
+from medfed.client.imaging_data import (
+    ImagingData,
+    imaging_fingerprint,
+    imaging_report,
+    load_imaging_data,
+    split_by_patient,
+)
 from medfed.client.policy import POLICY_NAME, PolicyError, SitePolicy, load_policy
 from medfed.client.training import DPSettings, evaluate, train_dp
 from medfed.common.atomic import atomic_write_json
@@ -47,7 +54,7 @@ from medfed.common.privacy import (
     epsilon_of,
     steps_per_round,
 )
-from medfed.common.tasks import get_task_spec
+from medfed.common.tasks import ImagingSpec, get_task_spec
 
 DATA_REPORT_NAME = "data_report.json"
 
@@ -89,15 +96,23 @@ class Decision:
 @dataclass
 class _Prepared:
     policy: SitePolicy
-    train: SiteData
-    test: SiteData
-    all_data: SiteData
+    train: SiteData | ImagingData
+    test: SiteData | ImagingData
+    all_data: SiteData | ImagingData
     fingerprint: str
     entries: list[LedgerEntry]
 
+    @property
+    def samples_per_patient(self) -> int:
+        return getattr(self.all_data, "samples_per_patient", 1)
+
 
 class Site:
-    """A hospital's data directory: ``clinical.csv``, ``site.toml`` and ``ledger.jsonl``."""
+    """A hospital's data directory: ``site.toml``, ``ledger.jsonl`` and the data.
+
+    The data is ``clinical.csv`` for the tabular tasks, ``dicom/`` and ``labels.csv``
+    for the imaging tasks.
+    """
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = Path(data_dir)
@@ -223,7 +238,7 @@ class Site:
         prep = self._prepare(settings)
         noise, _ = self._plan(settings, prep, run_id, server_round)
         spec = prep.train.spec
-        model = build_model(settings.model, spec.num_features, settings.seed)
+        model = build_model(settings.model, spec.model_input, settings.seed)
         set_weights(model, weights)
         dp = DPSettings(
             noise_multiplier=noise,
@@ -267,7 +282,7 @@ class Site:
         except (PolicyError, DataError, LedgerError) as exc:
             return 0.0, 0, {SITE_ID_KEY: self._site_id_or_dir(), SUPPRESSED_KEY: str(exc)}
         spec = prep.test.spec
-        model = build_model(settings.model, spec.num_features, settings.seed)
+        model = build_model(settings.model, spec.model_input, settings.seed)
         set_weights(model, weights)
         n = len(prep.test)
         info: dict[str, float | int | str] = {"site-id": prep.policy.site_id}
@@ -286,6 +301,8 @@ class Site:
     def _prepare(self, settings: RunSettings) -> _Prepared:
         policy = load_policy(self.policy_path)
         spec = get_task_spec(settings.task, settings.dataset)
+        if isinstance(spec, ImagingSpec):
+            return self._prepare_imaging(settings, policy, spec)
         data = load_site_data(
             self.data_dir / spec.csv_name, spec, strict=policy.on_bad_row == "error"
         )
@@ -293,6 +310,21 @@ class Site:
         train, test = split_train_test(data, settings.test_fraction, settings.seed)
         entries = read_ledger(self.ledger_path)
         return _Prepared(policy, train, test, data, fingerprint(train), entries)
+
+    def _prepare_imaging(
+        self, settings: RunSettings, policy: SitePolicy, spec: ImagingSpec
+    ) -> _Prepared:
+        data = load_imaging_data(self.data_dir, spec, settings.samples_per_patient)
+        self._write_report(imaging_report(data, self.data_dir))
+        if policy.require_deidentified and not all(data.identity_removed):
+            missing = data.identity_removed.count(False)
+            raise DataError(
+                f"site policy requires de-identified data: {missing} of {len(data)} "
+                "sample(s) lack PatientIdentityRemoved=YES (run `medfed data deid`)"
+            )
+        train, test = split_by_patient(data, settings.test_fraction, settings.seed)
+        entries = read_ledger(self.ledger_path)
+        return _Prepared(policy, train, test, data, imaging_fingerprint(train), entries)
 
     def _record(
         self,
@@ -317,7 +349,7 @@ class Site:
             delta=prep.policy.delta,
             epsilon=epsilon,
             num_samples=len(prep.train),
-            samples_per_patient=1,
+            samples_per_patient=prep.samples_per_patient,
             reason="",
             timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
         )
@@ -353,15 +385,19 @@ class Site:
 
     def _write_data_report(self, data: SiteData) -> None:
         """Site-local record of used and skipped rows (stays at the site)."""
-        report = {
-            "file": str(data.path),
-            "rows": data.total_rows,
-            "used": len(data),
-            "skipped": len(data.skipped),
-            "skipped_rows": [
-                {"line": s.line, "column": s.column, "reason": s.reason} for s in data.skipped
-            ],
-        }
+        self._write_report(
+            {
+                "file": str(data.path),
+                "rows": data.total_rows,
+                "used": len(data),
+                "skipped": len(data.skipped),
+                "skipped_rows": [
+                    {"line": s.line, "column": s.column, "reason": s.reason} for s in data.skipped
+                ],
+            }
+        )
+
+    def _write_report(self, report: dict) -> None:
         path = self.data_dir / DATA_REPORT_NAME
         try:
             if path.exists() and json.loads(path.read_text()) == report:

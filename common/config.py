@@ -25,12 +25,15 @@ class RunSettings(BaseModel):
 
     Parameters
     ----------
-    task : {"risk", "rehab"}
-        Binary disease-risk classification or rehabilitation-progress regression.
+    task : {"risk", "rehab", "xray", "ct"}
+        Binary disease-risk classification or rehabilitation-progress regression from
+        a clinical CSV; nodule detection on radiographs or lesion detection on CT
+        volumes from the site's DICOM.
     dataset : {"synthetic", "heart-disease"}
         Which CSV schema the sites hold.
-    model : {"logreg", "mlp"}
-        Linear model or a small MLP (a linear/MLP regressor for ``rehab``).
+    model : {"logreg", "mlp", "cnn2d", "cnn3d"}
+        Linear model or a small MLP for the CSV tasks (a regressor for ``rehab``); a
+        2D CNN for ``xray``, a 3D CNN for ``ct``.
     num_rounds : int
         Planned federated rounds; the sites calibrate their noise over all of them.
     min_sites : int
@@ -65,13 +68,17 @@ class RunSettings(BaseModel):
         Share of a site's neighbours needed to unmask (SecAgg+ reconstruction threshold).
     max_weight : float
         Largest sample count a site may report (SecAgg+ weight quantisation bound).
+    samples_per_patient : int
+        Imaging: most samples (studies/images) one patient contributes. 1 makes DP
+        protect patients directly; k > 1 is recorded in the ledger, and a patient's
+        protection is then that of a group of k samples.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
-    task: Literal["risk", "rehab"] = "risk"
+    task: Literal["risk", "rehab", "xray", "ct"] = "risk"
     dataset: Literal["synthetic", "heart-disease"] = "synthetic"
-    model: Literal["logreg", "mlp"] = "logreg"
+    model: Literal["logreg", "mlp", "cnn2d", "cnn3d"] = "logreg"
     num_rounds: int = Field(3, ge=1, le=1000)
     min_sites: int = Field(2, ge=2)
     epsilon: float = Field(3.0, gt=0, le=100)
@@ -88,10 +95,16 @@ class RunSettings(BaseModel):
     ask_timeout: float = Field(300.0, gt=0)
     secagg_threshold: float = Field(0.66, gt=0, le=1)
     max_weight: float = Field(100000.0, gt=1)
+    samples_per_patient: int = Field(1, ge=1, le=100)
 
     @model_validator(mode="after")
     def _task_matches_dataset(self) -> RunSettings:
-        get_task_spec(self.task, self.dataset)
+        spec = get_task_spec(self.task, self.dataset)
+        if self.model not in spec.models:
+            raise ValueError(
+                f"model {self.model!r} does not fit task {self.task!r} "
+                f"(expected one of {', '.join(spec.models)})"
+            )
         return self
 
     @classmethod

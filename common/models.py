@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODELS = ("logreg", "mlp")
+TABULAR_MODELS = ("logreg", "mlp")
+IMAGING_MODEL_NAMES = ("cnn2d", "cnn3d")
+MODELS = TABULAR_MODELS + IMAGING_MODEL_NAMES
 
 
 class LinearModel(nn.Module):
@@ -50,8 +52,17 @@ class SmallMLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-def build_model(name: str, num_features: int, seed: int) -> nn.Module:
-    """Build model ``name`` with deterministic initial weights for ``seed``."""
+def build_model(name: str, model_input: int | tuple[int, ...], seed: int) -> nn.Module:
+    """Build model ``name`` with deterministic initial weights for ``seed``.
+
+    ``model_input`` is the task's :attr:`model_input`: a feature count for the tabular
+    models, a sample shape (channels first, no batch) for the imaging CNNs.
+    """
+    if isinstance(model_input, tuple):
+        from medfed.common.imaging_models import build_imaging_model
+
+        return build_imaging_model(name, model_input, seed)
+    num_features = model_input
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

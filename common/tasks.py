@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-TASKS = ("risk", "rehab")
+TASKS = ("risk", "rehab", "xray", "ct")
+IMAGING_TASKS = ("xray", "ct")
 DATASETS = ("synthetic", "heart-disease")
 
 
@@ -101,10 +102,74 @@ class TaskSpec:
     def num_features(self) -> int:
         return len(self.feature_names())
 
+    @property
+    def model_input(self) -> int:
+        """What fixes the model's input layer: the number of features."""
+        return self.num_features
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return ("logreg", "mlp")
+
     def required_columns(self) -> list[str]:
         cols = [c.name for c in self.columns] + [self.target.name]
         return ([self.id_column] if self.id_column else []) + cols
 
+
+@dataclass(frozen=True)
+class ImagingSpec:
+    """What a site trains on for an imaging task: its DICOM tree and a labels file.
+
+    Parameters
+    ----------
+    task : {"xray", "ct"}
+        Radiographs (one 2D image per sample) or CT volumes (one series per sample).
+    dataset : str
+        ``synthetic`` (the generated hospitals) or a site's own DICOM in the same layout.
+    size : int
+        In-plane size the images are resampled to (size x size).
+    depth : int
+        Volumes only: slices the volume is resampled to; 0 for 2D tasks.
+    window_center, window_width : float or None
+        VOI window in modality units (HU for CT): a public, configured constant; None
+        uses each image's own header window.
+    dicom_dir, labels_name : str
+        The site's DICOM folder and label file, relative to the site directory.
+    """
+
+    task: str
+    dataset: str
+    size: int
+    depth: int = 0
+    window_center: float | None = None
+    window_width: float | None = None
+    dicom_dir: str = "dicom"
+    labels_name: str = "labels.csv"
+
+    @property
+    def is_binary(self) -> bool:
+        return True
+
+    @property
+    def is_volume(self) -> bool:
+        return self.depth > 0
+
+    @property
+    def model_input(self) -> tuple[int, ...]:
+        """Input shape of one sample (channels first), without the batch."""
+        plane = (self.size, self.size)
+        return (1, self.depth, *plane) if self.is_volume else (1, *plane)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return ("cnn3d",) if self.is_volume else ("cnn2d",)
+
+
+SYNTHETIC_XRAY = ImagingSpec(task="xray", dataset="synthetic", size=64)
+# Lung window (centre -600 HU, width 1500 HU): a public radiological convention.
+SYNTHETIC_CT = ImagingSpec(
+    task="ct", dataset="synthetic", size=64, depth=16, window_center=-600, window_width=1500
+)
 
 _AGE = Column("age", 18, 100)
 _SEX = Column("sex", 0, 1, kind="binary")
@@ -162,10 +227,17 @@ _SPECS = {
     ("risk", "synthetic"): SYNTHETIC_RISK,
     ("rehab", "synthetic"): SYNTHETIC_REHAB,
     ("risk", "heart-disease"): HEART_DISEASE_RISK,
+    ("xray", "synthetic"): SYNTHETIC_XRAY,
+    ("ct", "synthetic"): SYNTHETIC_CT,
 }
 
 
-def get_task_spec(task: str, dataset: str) -> TaskSpec:
+def is_imaging(task: str) -> bool:
+    """Whether ``task`` trains on a site's DICOM images rather than a clinical CSV."""
+    return task in IMAGING_TASKS
+
+
+def get_task_spec(task: str, dataset: str) -> TaskSpec | ImagingSpec:
     """Return the schema for ``task`` on ``dataset``; raise ValueError naming both."""
     try:
         return _SPECS[(task, dataset)]

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from medfed.common.config import RunSettings
 from medfed.common.models import build_model
 from medfed.common.params import get_weights
-from medfed.common.tasks import get_task_spec
+from medfed.common.tasks import ImagingSpec, get_task_spec
 from medfed.server.strategy import SiteSelectingFedAvg
 from medfed.server.workflow import MedfedWorkflow
 
@@ -25,13 +25,23 @@ from medfed.server.workflow import MedfedWorkflow
 def model_meta(settings: RunSettings) -> dict[str, Any]:
     """What a checkpoint needs to be used without the run's configuration."""
     spec = get_task_spec(settings.task, settings.dataset)
-    return {
+    meta: dict[str, Any] = {
         "task": settings.task,
         "dataset": settings.dataset,
         "model": settings.model,
-        "features": spec.feature_names(),
         "seed": settings.seed,
     }
+    if isinstance(spec, ImagingSpec):
+        meta["input_shape"] = list(spec.model_input)
+        meta["preprocessing"] = {
+            "size": spec.size,
+            "depth": spec.depth,
+            "window_center": spec.window_center,
+            "window_width": spec.window_width,
+        }
+    else:
+        meta["features"] = spec.feature_names()
+    return meta
 
 
 def build_server_app(
@@ -49,7 +59,7 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         settings = RunSettings.from_flower({**base, **dict(context.run_config)})
         spec = get_task_spec(settings.task, settings.dataset)
-        model = build_model(settings.model, spec.num_features, settings.seed)
+        model = build_model(settings.model, spec.model_input, settings.seed)
         strategy = SiteSelectingFedAvg(
             settings.min_sites, ndarrays_to_parameters(get_weights(model))
         )

@@ -17,14 +17,18 @@ from flwr.common import Code as FlwrCode
 from flwr.common import EvaluateRes, Status
 
 from medfed.client.data import DataError, load_site_data, split_train_test
+from medfed.client.imaging_data import load_imaging_data, split_by_patient
 from medfed.client.training import evaluate, fit_full_batch, train_plain
 from medfed.common.config import RunSettings
 from medfed.common.models import build_model
-from medfed.common.tasks import get_task_spec
+from medfed.common.tasks import ImagingSpec, get_task_spec
 from medfed.server.strategy import weighted_means
 
 REFERENCE_ITERATIONS = 200
 MLP_EPOCHS = 30
+CNN_EPOCHS = 20
+CNN_BATCH = 32
+CNN_LEARNING_RATE = 0.1
 
 
 def pooled_reference(
@@ -32,6 +36,8 @@ def pooled_reference(
 ) -> dict[str, Any]:
     """Train on the pooled training splits without DP; evaluate on each site's test split."""
     spec = get_task_spec(settings.task, settings.dataset)
+    if isinstance(spec, ImagingSpec):
+        return _imaging_reference(site_dirs, settings, spec)
     splits, unusable = [], {}
     for d in site_dirs:
         try:
@@ -62,16 +68,64 @@ def pooled_reference(
         )
         how = f"mini-batch SGD, {MLP_EPOCHS} epochs, batch 64, learning rate 0.1"
     span = 1.0 if spec.is_binary else spec.target.high - spec.target.low
+    tests = [test for _, test in splits]
+    return _summarise(model, tests, spec.is_binary, span, how, unusable, len(y))
+
+
+def _summarise(
+    model: torch.nn.Module,
+    tests: list,
+    binary: bool,
+    span: float,
+    how: str,
+    unusable: dict[str, str],
+    train_records: int,
+) -> dict[str, Any]:
+    """Per-site test metrics aggregated as the federated run aggregates them."""
     results = []
-    for _, test in splits:
-        metrics = evaluate(model, test.X, test.y, spec.is_binary, span)
+    for test in tests:
+        metrics = evaluate(model, test.X, test.y, binary, span)
         loss = metrics.pop("loss")
         results.append(EvaluateRes(Status(FlwrCode.OK, ""), loss, len(test), metrics))
     loss, metrics = weighted_means(results)
     return {
         "loss": loss,
         **metrics,
-        "train_records": len(y),
+        "train_records": train_records,
         "optimizer": how,
         "sites_left_out": unusable,
     }
+
+
+def _imaging_reference(
+    site_dirs: list[Path], settings: RunSettings, spec: ImagingSpec
+) -> dict[str, Any]:
+    """Pooled non-private CNN on every site's training split (same splits as the run)."""
+    splits, unusable = [], {}
+    for d in site_dirs:
+        try:
+            data = load_imaging_data(d, spec, settings.samples_per_patient)
+        except DataError as exc:
+            unusable[str(d)] = str(exc)
+            continue
+        splits.append(split_by_patient(data, settings.test_fraction, settings.seed))
+    if not splits:
+        raise DataError("pooled reference: no site has usable images")
+    X = np.concatenate([train.X for train, _ in splits])
+    y = np.concatenate([train.y for train, _ in splits])
+    model = build_model(settings.model, spec.model_input, settings.seed)
+    train_plain(
+        model,
+        X,
+        y,
+        True,
+        CNN_EPOCHS,
+        batch_size=CNN_BATCH,
+        learning_rate=CNN_LEARNING_RATE,
+        seed=settings.seed,
+    )
+    how = (
+        f"mini-batch SGD, {CNN_EPOCHS} epochs, batch {CNN_BATCH}, learning rate {CNN_LEARNING_RATE}"
+    )
+    tests = [test for _, test in splits]
+    return _summarise(model, tests, True, 1.0, how, unusable, len(y))

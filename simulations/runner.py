@@ -23,12 +23,13 @@ from medfed.client.app import build_client_app
 from medfed.client.policy import POLICY_NAME, SitePolicy, write_policy
 from medfed.common.atomic import atomic_write_json
 from medfed.common.config import RunSettings
-from medfed.common.tasks import get_task_spec
+from medfed.common.tasks import ImagingSpec, get_task_spec
 from medfed.server.app import build_server_app
 from medfed.server.run_record import EVENTS_NAME, RUN_RECORD_NAME
 from medfed.simulations.heart_disease import HOSPITALS, prepare_heart_disease_sites
 from medfed.simulations.reference import pooled_reference
 from medfed.simulations.synthetic import generate_risk_sites
+from medfed.simulations.synthetic_imaging import generate_imaging_sites
 
 SUMMARY_NAME = "summary.json"
 
@@ -56,6 +57,8 @@ class SimulationPlan:
         Also train the pooled non-private reference.
     verbose : bool
         Show Flower's and Ray's logs.
+    patients_per_site : int or None
+        Synthetic imaging hospitals: patients per site (None: the task's default).
     """
 
     settings: RunSettings
@@ -64,6 +67,7 @@ class SimulationPlan:
     min_cohort: int = 20
     reference: bool = True
     verbose: bool = False
+    patients_per_site: int | None = None
 
 
 @dataclass
@@ -76,17 +80,35 @@ class SimulationResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Synthetic imaging sites are larger than the scanner profiles' default (24-40 patients)
+# so that every test split holds at least the default minimum cohort of 20.
+IMAGING_PATIENTS = {"xray": 120, "ct": 90}
+
+
 def prepare_sites(plan: SimulationPlan) -> list[Path]:
     """Create (or reuse) the site directories under ``settings.data_root``."""
-    root = Path(plan.settings.data_root)
-    existing = sorted(root.glob("site-*/clinical.csv"))
+    settings = plan.settings
+    root = Path(settings.data_root)
+    spec = get_task_spec(settings.task, settings.dataset)
+    marker = spec.labels_name if isinstance(spec, ImagingSpec) else spec.csv_name
+    existing = sorted(root.glob(f"site-*/{marker}"))
     if existing:
         site_dirs = sorted((p.parent for p in existing), key=_site_index)
-    elif plan.settings.dataset == "heart-disease":
+    elif isinstance(spec, ImagingSpec):
+        site_dirs = generate_imaging_sites(
+            spec.task,
+            plan.num_sites,
+            root,
+            seed=settings.seed,
+            image_size=spec.size,
+            slices=max(spec.depth, 4),
+            patients_per_site=plan.patients_per_site or IMAGING_PATIENTS[spec.task],
+        )
+    elif settings.dataset == "heart-disease":
         site_dirs = prepare_heart_disease_sites(root)
     else:
-        site_dirs = generate_risk_sites(plan.num_sites, root, seed=plan.settings.seed)
-    names = HOSPITALS if plan.settings.dataset == "heart-disease" else None
+        site_dirs = generate_risk_sites(plan.num_sites, root, seed=settings.seed)
+    names = HOSPITALS if settings.dataset == "heart-disease" else None
     for i, site_dir in enumerate(site_dirs):
         if not (site_dir / POLICY_NAME).exists():
             site_id = names[i] if names and i < len(names) else f"hospital-{chr(97 + i)}"
@@ -95,8 +117,9 @@ def prepare_sites(plan: SimulationPlan) -> list[Path]:
                 SitePolicy(
                     site_id=site_id,
                     epsilon_budget=plan.site_budget,
-                    delta=max(plan.settings.delta, 1e-5),
+                    delta=max(settings.delta, 1e-5),
                     min_cohort=plan.min_cohort,
+                    max_samples_per_patient=settings.samples_per_patient,
                 ),
             )
     return site_dirs

@@ -27,7 +27,7 @@ def test_load_valid(tmp_path: Path) -> None:
     assert policy.epsilon_budget == 4.5
     assert policy.delta == 1e-6
     assert policy.allowed_tasks == ["risk"]
-    assert policy.allowed_models == ["logreg", "mlp"]
+    assert policy.allowed_models == ["logreg", "mlp", "cnn2d", "cnn3d"]
     assert policy.min_cohort == 10
     assert policy.on_bad_row == "skip"
 

@@ -140,3 +140,15 @@ def test_settings_are_frozen() -> None:
 def test_infinite_max_grad_norm_rejected() -> None:
     with pytest.raises(ConfigError, match="max_grad_norm"):
         RunSettings.from_mapping({"max_grad_norm": math.inf})
+
+
+def test_imaging_tasks_take_their_own_models():
+    settings = RunSettings(task="xray", model="cnn2d", samples_per_patient=2)
+    assert settings.samples_per_patient == 2
+    assert RunSettings(task="ct", model="cnn3d").task == "ct"
+    with pytest.raises(ConfigError, match="model 'logreg' does not fit task 'xray'"):
+        RunSettings.from_mapping({"task": "xray", "model": "logreg"})
+    with pytest.raises(ConfigError, match="expected one of logreg, mlp"):
+        RunSettings.from_mapping({"task": "risk", "model": "cnn2d"})
+    with pytest.raises(ConfigError, match="samples_per_patient"):
+        RunSettings.from_mapping({"task": "xray", "model": "cnn2d", "samples_per_patient": 0})

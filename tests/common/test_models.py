@@ -6,7 +6,7 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from medfed.common.models import MODELS, LinearModel, SmallMLP, build_model
+from medfed.common.models import TABULAR_MODELS, LinearModel, SmallMLP, build_model
 from medfed.common.params import get_weights
 
 
@@ -15,7 +15,7 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TABULAR_MODELS)
 def test_build_model_is_deterministic_for_a_seed(name: str) -> None:
     assert _same(build_model(name, 6, seed=7), build_model(name, 6, seed=7))
 
@@ -46,7 +46,7 @@ def test_model_types() -> None:
     assert isinstance(build_model("mlp", 3, 0), SmallMLP)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TABULAR_MODELS)
 @pytest.mark.parametrize("num_features", [4, 6, 32])
 def test_output_shape(name: str, num_features: int) -> None:
     model = build_model(name, num_features, seed=0)
@@ -60,7 +60,7 @@ def test_logreg_has_one_affine_layer() -> None:
     assert shapes == [(1, 6), (1,)]
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", TABULAR_MODELS)
 def test_models_pass_opacus_validator(name: str) -> None:
     model = build_model(name, 6, seed=0)
     assert ModuleValidator.validate(model, strict=False) == []

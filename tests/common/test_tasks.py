@@ -82,3 +82,14 @@ def test_get_task_spec_unknown_names_both(task: str, dataset: str) -> None:
         get_task_spec(task, dataset)
     assert repr(task) in str(info.value)
     assert repr(dataset) in str(info.value)
+
+
+def test_imaging_specs_give_the_model_input_shape():
+    from medfed.common.tasks import SYNTHETIC_CT, SYNTHETIC_XRAY, is_imaging
+
+    assert get_task_spec("xray", "synthetic") is SYNTHETIC_XRAY
+    assert SYNTHETIC_XRAY.model_input == (1, 64, 64) and SYNTHETIC_XRAY.models == ("cnn2d",)
+    assert SYNTHETIC_CT.model_input == (1, 16, 64, 64) and SYNTHETIC_CT.is_volume
+    assert is_imaging("ct") and not is_imaging("risk")
+    with pytest.raises(ValueError, match="task='xray', dataset='heart-disease'"):
+        get_task_spec("xray", "heart-disease")
