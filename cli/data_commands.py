@@ -124,9 +124,12 @@ def check_tables(report: dict[str, Any]) -> list[Table]:
     summary = Table(title=f"{report['site_dir']}: {report['task']} data", show_header=False)
     summary.add_column("what")
     summary.add_column("count", justify="right")
-    summary.add_row("samples used (one per patient)" if report["samples_per_patient"] == 1
-                    else f"samples used (at most {report['samples_per_patient']} per patient)",
-                    str(report["samples_used"]))
+    summary.add_row(
+        "samples used (one per patient)"
+        if report["samples_per_patient"] == 1
+        else f"samples used (at most {report['samples_per_patient']} per patient)",
+        str(report["samples_used"]),
+    )
     summary.add_row("patients", str(report["patients"]))
     summary.add_row("files used", str(report["files_used"]))
     summary.add_row("files quarantined", str(report["files_quarantined"]))

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from medfed.cli.data_commands import data_app
 from medfed.common.config import ConfigError, RunSettings
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ synth_app = typer.Typer(
     help="Generate synthetic hospitals (fictional patients).", no_args_is_help=True
 )
 app.add_typer(synth_app, name="synth")
+app.add_typer(data_app, name="data")
 
 console = Console()
 err_console = Console(stderr=True)
