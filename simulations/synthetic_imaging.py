@@ -1,8 +1,8 @@
 """Synthetic imaging hospitals: DICOM Part 10 chest radiographs and CT volumes.
 
 Each site gets its own scanner profile (manufacturer, pixel spacing, bits stored,
-rescale slope/intercept, photometric interpretation, a share of RLE-compressed files),
-so that sites are non-IID the way real hospitals are, and realistic *fake* identifying
+rescale slope/intercept, photometric interpretation, transfer syntax), so that sites are
+non-IID the way real hospitals are, and realistic *fake* identifying
 data in the headers (names, birth dates, addresses, accession numbers), so that
 de-identification has something to remove. Every patient is fictional.
 
@@ -15,6 +15,13 @@ Radiographs (``xray``): one CR/DX image per patient; label 1 = a nodule in a lun
 CT (``ct``): one axial series per patient, values in Hounsfield units after the
 Modality LUT; label 1 = a lesion in a lung. Deterministic for a given seed (UIDs are
 derived from it, not random).
+
+Transfer syntaxes cycle over the sites (``SITE_SYNTAXES``): site 0 uncompressed, site 1
+RLE Lossless, site 2 JPEG-LS Lossless, site 3 JPEG 2000 Lossless, site 4 uncompressed
+again, and so on; ``transfer_syntax=`` writes every site in one syntax instead. Only
+lossless syntaxes are used, so the pixels (and the labels) are the same whatever the
+encoding. Encoding uses pydicom's ``Dataset.compress`` with the encoders of the pixel
+data plugins (pylibjpeg-rle, pyjpegls, pylibjpeg-openjpeg).
 """
 
 from __future__ import annotations
@@ -30,9 +37,12 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
     RLELossless,
 )
 
@@ -42,6 +52,8 @@ Modality = Literal["xray", "ct"]
 LABELS_NAME = "labels.csv"
 UID_ROOT = "1.2.826.0.1.3680043.10.1384."  # private-use style root for synthetic data
 MAX_SITES = 26
+MIN_J2K_SIZE = 32  # OpenJPEG's lossless encoder uses 6 resolution levels
+SITE_SYNTAXES = (ExplicitVRLittleEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless)
 
 _FIRST = (
     "Anna",
@@ -113,8 +125,8 @@ class ScannerProfile:
         Modality LUT: value = stored * slope + intercept.
     photometric : {"MONOCHROME1", "MONOCHROME2"}
         MONOCHROME1 displays low values as white (stored values inverted).
-    compressed_share : float
-        Share of files written RLE Lossless instead of uncompressed.
+    transfer_syntax : str
+        Transfer syntax UID of every file of the site (uncompressed or a lossless one).
     patients : int
         Patients at this site.
     prevalence : float
@@ -130,15 +142,23 @@ class ScannerProfile:
     rescale_slope: float
     rescale_intercept: float
     photometric: str
-    compressed_share: float
+    transfer_syntax: str
     patients: int
     prevalence: float
 
 
-def scanner_profiles(modality: Modality, num_sites: int, seed: int = 42) -> list[ScannerProfile]:
-    """One scanner profile per site; sites differ in vendor, geometry, encoding and mix."""
+def scanner_profiles(
+    modality: Modality, num_sites: int, seed: int = 42, transfer_syntax: str | None = None
+) -> list[ScannerProfile]:
+    """One scanner profile per site; sites differ in vendor, geometry, encoding and mix.
+
+    ``transfer_syntax`` (a UID from ``SITE_SYNTAXES``) overrides the per-site cycle.
+    """
     if not 1 <= num_sites <= MAX_SITES:
         raise ValueError(f"num_sites must be between 1 and {MAX_SITES}, got {num_sites}")
+    if transfer_syntax is not None and transfer_syntax not in SITE_SYNTAXES:
+        names = ", ".join(UID(s).name for s in SITE_SYNTAXES)
+        raise ValueError(f"transfer_syntax must be one of {names}, got {transfer_syntax!r}")
     rng = np.random.default_rng([seed, 7])
     profiles = []
     for i in range(num_sites):
@@ -165,7 +185,7 @@ def scanner_profiles(modality: Modality, num_sites: int, seed: int = 42) -> list
                 rescale_slope=slope,
                 rescale_intercept=intercept,
                 photometric=photometric,
-                compressed_share=(0.0, 0.3, 0.6)[i % 3],
+                transfer_syntax=transfer_syntax or SITE_SYNTAXES[i % len(SITE_SYNTAXES)],
                 patients=int(rng.integers(24, 40)),
                 prevalence=float(rng.uniform(0.3, 0.5)),
             )
@@ -182,13 +202,24 @@ def generate_imaging_sites(
     slices: int = 12,
     patients_per_site: int | None = None,
     overwrite: bool = False,
+    transfer_syntax: str | None = None,
 ) -> list[Path]:
-    """Write ``num_sites`` synthetic imaging hospitals under ``out_dir``; return their dirs."""
+    """Write ``num_sites`` synthetic imaging hospitals under ``out_dir``; return their dirs.
+
+    ``transfer_syntax`` writes every site in that syntax instead of the per-site cycle.
+    """
     if modality not in ("xray", "ct"):
         raise ValueError(f"modality must be 'xray' or 'ct', got {modality!r}")
     if image_size < 16 or slices < 4:
         raise ValueError("image_size must be >= 16 and slices >= 4")
-    profiles = scanner_profiles(modality, num_sites, seed)
+    profiles = scanner_profiles(modality, num_sites, seed, transfer_syntax)
+    j2k = [i for i, p in enumerate(profiles) if p.transfer_syntax == JPEG2000Lossless]
+    if j2k and image_size < MIN_J2K_SIZE:
+        raise ValueError(
+            f"image_size must be >= {MIN_J2K_SIZE} for sites written as JPEG 2000 (site "
+            f"{', '.join(map(str, j2k))}; the encoder needs 6 resolution levels), got "
+            f"{image_size}; use fewer sites or another transfer_syntax"
+        )
     site_dirs = [Path(out_dir) / f"site-{i}" for i in range(num_sites)]
     existing = [d / LABELS_NAME for d in site_dirs if (d / LABELS_NAME).exists()]
     if existing and not overwrite:
@@ -225,13 +256,13 @@ def _write_site(
         study_uid = _uid(seed, index, p, "study")
         series_uid = _uid(seed, index, p, "series")
         series_dir = site_dir / "dicom" / patient["PatientID"] / f"ST{p:04d}" / "SE0001"
-        compressed = rng.random() < profile.compressed_share
+        rng.random()  # was the per-file compression draw; kept so a seed gives the same pixels
         if modality == "xray":
             image = _radiograph(rng, image_size, label)
             ds = _base_dataset(DigitalXRayImageStorageForPresentation, seed, index, p, 1)
             _fill_common(ds, patient, profile, study_uid, series_uid, "DX", 1)
             _fill_pixels(ds, image, profile, instance=1)
-            _save(ds, series_dir / "IMG0001.dcm", compressed)
+            _save(ds, series_dir / "IMG0001.dcm", profile.transfer_syntax)
         else:
             volume = _ct_volume(rng, image_size, slices, label)
             for k in range(slices):
@@ -239,7 +270,7 @@ def _write_site(
                 _fill_common(ds, patient, profile, study_uid, series_uid, "CT", k + 1)
                 _fill_ct_geometry(ds, profile, k, image_size)
                 _fill_pixels(ds, volume[k], profile, instance=k + 1)
-                _save(ds, series_dir / f"IMG{k + 1:04d}.dcm", compressed)
+                _save(ds, series_dir / f"IMG{k + 1:04d}.dcm", profile.transfer_syntax)
         rows.append(f"{study_uid},{patient['PatientID']},{label}")
     atomic_write_text(site_dir / LABELS_NAME, "\n".join(rows) + "\n")
 
@@ -341,9 +372,16 @@ def _fill_pixels(ds: Dataset, values: np.ndarray, profile: ScannerProfile, insta
     ds.PixelData = stored.astype(np.uint16).tobytes()
 
 
-def _save(ds: Dataset, path: Path, compressed: bool) -> None:
-    if compressed:
-        ds.compress(RLELossless)
+def _save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
+    if transfer_syntax != ExplicitVRLittleEndian:
+        try:
+            ds.compress(transfer_syntax, generate_instance_uid=False)  # UIDs stay seeded
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            raise RuntimeError(
+                f"{path}: cannot encode as {UID(transfer_syntax).name} ({exc}); install the "
+                "pixel data plugins listed in pyproject.toml (pylibjpeg-rle, pyjpegls, "
+                "pylibjpeg-openjpeg)"
+            ) from exc
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     atomic_write_bytes(path, buffer.getvalue())
