@@ -7,6 +7,7 @@ stays at the site (file paths name patient folders).
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ def check(
         fail(f"--task must be xray or ct, got {task!r}")
     spec = get_task_spec(task, "synthetic")
     try:
-        with _progress(console, json_out) as progress:
+        # pydicom warns about what the quarantine reports anyway (e.g. truncation).
+        with warnings.catch_warnings(), _progress(console, json_out) as progress:
+            warnings.simplefilter("ignore", UserWarning)
             bar = progress.add_task("reading DICOM", total=None)
             data = load_imaging_data(
                 site_dir,
@@ -99,7 +102,9 @@ def _guess_task(dicom_root: Path) -> str:
         if not path.is_file():
             continue
         try:
-            modality = pydicom.dcmread(path, stop_before_pixels=True).get("Modality", "")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                modality = pydicom.dcmread(path, stop_before_pixels=True).get("Modality", "")
         except Exception:  # any unreadable file: look at the next one
             continue
         if modality in ("CT", "MR"):

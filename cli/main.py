@@ -78,7 +78,7 @@ IMAGING_DEFAULTS = {
         "epsilon": 8.0,
         "rounds": 5,
         "test_fraction": 0.25,
-        "batch_size": 32,
+        "batch_size": 64,
         "learning_rate": 0.5,
         "local_epochs": 2,
     },
@@ -87,8 +87,8 @@ IMAGING_DEFAULTS = {
         "rounds": 5,
         "test_fraction": 0.25,
         "batch_size": 32,
-        "learning_rate": 0.5,
-        "local_epochs": 2,
+        "learning_rate": 0.2,
+        "local_epochs": 3,
     },
 }
 
@@ -157,7 +157,7 @@ def simulate(
     patients: int | None = typer.Option(
         None,
         min=1,
-        help="Synthetic imaging hospitals: patients per site [default: 120 xray, 90 ct].",
+        help="Synthetic imaging hospitals: patients per site [default: 600 xray, 200 ct].",
     ),
     samples_per_patient: int = typer.Option(
         1,

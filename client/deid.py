@@ -75,6 +75,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 from medfed.client.deid_profile import EDITION, lookup
 from medfed.common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
+SITE_CACHE_DIR = ".medfed-cache"  # medfed.client.imaging_data.CACHE_DIR_NAME
 REPORT_NAME = "deid_report.json"
 LABELS_NAME = "labels.csv"
 DICOM_DIR = "dicom"
@@ -587,7 +588,8 @@ class _Run:
 
 def _files(root: Path) -> Iterator[Path]:
     for folder, dirs, names in os.walk(root):
-        dirs.sort()
+        # The site's own preprocessing cache holds no DICOM: not input, not reported.
+        dirs[:] = sorted(d for d in dirs if d != SITE_CACHE_DIR)
         for name in names:
             path = Path(folder) / name
             if path.is_file():

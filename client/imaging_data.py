@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,9 +219,12 @@ def load_imaging_data(
     chosen, no_label, beyond = select_per_patient(fitting, labels, samples_per_patient)
     quarantined = quarantined + misfits + no_label
     if not chosen:
+        # Kinds and counts only: details can name patient folders, and a decline reason
+        # reaches the coordinator.
+        kinds = Counter(q.kind for q in quarantined)
         raise DataError(
-            f"{dicom_root}: no usable labelled image ({len(items)} image(s) read, "
-            f"{len(quarantined)} file(s) quarantined)"
+            f"{dicom_root}: no usable labelled image ({len(items)} image(s) read; "
+            f"quarantined: {', '.join(f'{k} {n}' for k, n in sorted(kinds.items())) or 'none'})"
         )
     X = np.stack([item.array for item, _ in chosen])[:, None].astype(np.float32)
     return ImagingData(

@@ -308,8 +308,11 @@ def test_non_dicom_and_truncated_files_are_reported_not_fatal(sites, tmp_path):
     files[1].write_bytes(raw[:200])  # cut inside the header
     (files[2].parent / "notes.txt").write_text("Patient called back on Tuesday\n")
     (site / "site.toml").write_text("site_id = 'x'\n")
+    (site / ".medfed-cache").mkdir()
+    (site / ".medfed-cache" / "entry.npy").write_bytes(b"cached array")
     report = deidentify_tree(site, tmp_path / "out", KEY)
     reasons = {str(s.source): s.reason for s in report.skipped}
+    assert not [r for r in reasons if ".medfed-cache" in r]  # the site's cache is not input
     assert reasons[str(files[0].relative_to(site))] == "truncated DICOM file"
     assert reasons[str(files[1].relative_to(site))] == "truncated DICOM file"
     notes = files[2].parent.relative_to(site) / "notes.txt"
