@@ -28,7 +28,7 @@ app.add_typer(synth_app, name="synth")
 app.add_typer(data_app, name="data")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
 
 class Task(StrEnum):
