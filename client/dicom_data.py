@@ -50,12 +50,17 @@ first. Arrays are float32 in [0, 1]: (size, size) images, (depth, size, size) vo
 
 With ``cache_dir`` the decoded, preprocessed arrays and each file's header summary are
 kept in ``medfed.client.image_cache`` keyed by the SHA-256 of the file bytes, so a later
-pass reads and hashes the files and loads arrays without parsing any DICOM.
+pass reads and hashes the files and loads arrays without parsing any DICOM. Trees of
+``CHUNK_MIN_FILES`` files or more have their arrays written in chunk files rather than
+one file each (creating files dominated a first pass over uncompressed images).
 """
 
 from __future__ import annotations
 
 import io
+import math
+import os
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -72,7 +77,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 from pydicom.pixels import pixel_array as decode_pixel_array
-from pydicom.uid import UID, JPEGLSLossless, JPEGLSNearLossless
+from pydicom.uid import (
+    UID,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
+from scipy.sparse import csr_matrix
 
 from medfed.client.image_cache import ImageCache, combined_hash, content_hash
 
@@ -88,9 +98,16 @@ QUARANTINE_KINDS = (
 VOLUME_MODALITIES = ("CT", "MR")
 SPACING_TOLERANCE = 0.1  # relative deviation of slice gaps that counts as uneven
 MISSING_SLICE_GAP = 1.5  # a gap this many times the median means a slice is missing
+CHUNK_MIN_FILES = 32  # trees this large get their cached arrays written in chunk files
 PREFERRED_PLUGIN = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = tuple(tag_for_keyword(k) for k in _PIXEL_KEYWORDS)
+_MODALITY_LUT_TAG = tag_for_keyword("ModalityLUTSequence")
+_GROUP_TAGS = (0x52009229, 0x52009230)  # Shared / PerFrame FunctionalGroupsSequence
 _RAW_VRS = frozenset({"US", "IS", "DS", "UI", "CS", "DA"})  # read from raw bytes
+_PLAIN_TEXT_VRS = frozenset({"LO", "SH"})  # read from raw bytes when printable ASCII
+_PRINTABLE = re.compile(rb"[\x20-\x5b\x5d-\x7e]+")  # printable ASCII but the backslash
+_KEYWORD_TAGS: dict[str, tuple[int | None, str | None]] = {}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -244,20 +261,34 @@ def _get(ds: Dataset, keyword: str) -> Any:
 
     Numbers, UIDs and code strings are read straight from the raw bytes (a scalar, or a
     list when multi-valued), which skips pydicom's conversion and validation and makes
-    header reading several times faster; other VRs (names, charset-dependent text,
-    sequences) go through pydicom.
+    header reading several times faster; so is plain short text (LO, SH: printable
+    ASCII without a backslash reads the same in every character set). Other VRs (names,
+    other text, sequences) go through pydicom.
     """
-    tag = tag_for_keyword(keyword)
     try:
-        element = ds.get_item(tag) if tag is not None else None
+        tag, dictionary_vr = _KEYWORD_TAGS[keyword]
+    except KeyError:
+        tag = tag_for_keyword(keyword)
+        dictionary_vr = dictionary_VR(tag) if tag is not None else None
+        _KEYWORD_TAGS[keyword] = (tag, dictionary_vr)
+    if tag is None:
+        return None
+    try:
+        element = ds._dict.get(tag)  # what ds.get_item does, without its Tag() conversion
+        if isinstance(element, RawDataElement) and element.value is None:
+            element = ds.get_item(tag)  # a deferred read
     except Exception:
         return None
     if element is None:
         return None
     if isinstance(element, RawDataElement) and element.value is not None:
-        vr = element.VR or dictionary_VR(tag)
+        vr = element.VR or dictionary_vr
         if vr in _RAW_VRS:
             return _raw_value(element.value, vr, element.is_little_endian)
+        if vr in _PLAIN_TEXT_VRS:
+            text = _plain_text(element.value)
+            if text is not None:
+                return text
     try:
         value = ds.get(keyword)
     except Exception:
@@ -265,8 +296,18 @@ def _get(ds: Dataset, keyword: str) -> Any:
     return None if value is None or value == "" else value
 
 
+def _plain_text(data: bytes) -> str | None:
+    """LO/SH bytes as pydicom reads them (one value), if printable ASCII; else None."""
+    data = data.rstrip(b"\0 ")
+    if not data or not _PRINTABLE.fullmatch(data):
+        return None
+    return data.decode("ascii")
+
+
 def _raw_value(data: bytes, vr: str, little_endian: bool) -> Any:
     if vr == "US":
+        if len(data) == 2:
+            return int.from_bytes(data, "little" if little_endian else "big")
         values = np.frombuffer(data[: len(data) // 2 * 2], "<u2" if little_endian else ">u2")
         numbers = [int(v) for v in values]
         return None if not numbers else numbers[0] if len(numbers) == 1 else numbers
@@ -299,11 +340,14 @@ def _vector(value: Any, length: int) -> tuple[float, ...] | None:
         values = _floats(value)
     except (TypeError, ValueError):
         return None
-    return values if len(values) == length and np.all(np.isfinite(values)) else None
+    return values if len(values) == length and all(map(math.isfinite, values)) else None
 
 
 def _group_value(ds: Dataset, sequence: str, keyword: str, frame: int = 0) -> Any:
     """``keyword`` in the shared functional groups' ``sequence``, else frame ``frame``'s."""
+    elements = getattr(ds, "_dict", None)
+    if elements is not None and not any(tag in elements for tag in _GROUP_TAGS):
+        return None  # no functional groups (most files): skip the failing look-ups
     for groups, index in (
         ("SharedFunctionalGroupsSequence", 0),
         ("PerFrameFunctionalGroupsSequence", frame),
@@ -321,7 +365,7 @@ def read_header(ds: Dataset) -> Header:
     """The header summary of a dataset; raise _Reject if it cannot give an image."""
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
+    if not _has_pixels(ds):
         raise _Reject("missing pixel data", "the file has no Pixel Data element")
     rows, columns = _number(ds, "Rows"), _number(ds, "Columns")
     if not rows or not columns or rows < 1 or columns < 1:
@@ -375,8 +419,10 @@ def _frame_offsets(ds: Dataset, frames: int) -> tuple[float, ...] | None:
 
 
 def _identity_removed(ds: Dataset) -> bool:
+    if _text(ds, "PatientIdentityRemoved").upper() != "YES":
+        return False
     method = _get(ds, "DeidentificationMethod") or _get(ds, "DeidentificationMethodCodeSequence")
-    return _text(ds, "PatientIdentityRemoved").upper() == "YES" and bool(method)
+    return bool(method)
 
 
 # -- reading and decoding -------------------------------------------------------------------
@@ -391,10 +437,15 @@ def parse_file(data: bytes) -> tuple[Dataset, Header]:
         if isinstance(exc, EOFError) or "end of file" in text.lower():
             raise _Reject("truncated", f"the header ends early ({text})") from None
         raise _Reject("not DICOM", f"unreadable header ({text})") from None
-    if not any(k in ds for k in _PIXEL_KEYWORDS) and _has_pixel_tag(data):
+    if not _has_pixels(ds) and _has_pixel_tag(data):
         # pydicom stops quietly where an encapsulated Pixel Data element is cut short.
         raise _Reject("truncated", "the Pixel Data element is cut short")
     return ds, read_header(ds)
+
+
+def _has_pixels(ds: Dataset) -> bool:
+    """Whether the dataset has a (float, double) Pixel Data element (``keyword in ds``)."""
+    return any(tag in ds._dict for tag in _PIXEL_TAGS)
 
 
 def _has_pixel_tag(data: bytes) -> bool:
@@ -417,7 +468,7 @@ def _decode_failure(exc: Exception, header: Header) -> _Reject:
 def modality_frames(ds: Dataset, header: Header) -> np.ndarray:
     """Pixel values (frames, rows, cols) float32 after the Modality LUT (colour: luma)."""
     try:
-        stored = _stored_pixels(ds, header.transfer_syntax)
+        stored = _stored_pixels(ds, header)
         photometric = _text(ds, "PhotometricInterpretation").upper()
         if photometric == "PALETTE COLOR":
             stored = apply_color_lut(stored, ds)
@@ -430,7 +481,8 @@ def modality_frames(ds: Dataset, header: Header) -> np.ndarray:
         raise _decode_failure(exc, header) from None
 
 
-def _stored_pixels(ds: Dataset, syntax: str) -> np.ndarray:
+def _stored_pixels(ds: Dataset, header: Header) -> np.ndarray:
+    syntax = header.transfer_syntax
     plugin = PREFERRED_PLUGIN.get(syntax)
     if plugin:
         try:
@@ -441,7 +493,7 @@ def _stored_pixels(ds: Dataset, syntax: str) -> np.ndarray:
 
 
 def _apply_rescale(stored: np.ndarray, ds: Dataset) -> np.ndarray:
-    if "ModalityLUTSequence" in ds:
+    if _MODALITY_LUT_TAG in ds._dict:
         return apply_modality_lut(stored, ds).astype(np.float32)
     slope = _get(ds, "RescaleSlope")
     intercept = _get(ds, "RescaleIntercept")
@@ -533,11 +585,29 @@ class Taps:
 
     The filter spans a few input pixels, so applying it as a handful of gathers and
     multiply-adds is cheaper than a dense matrix product (and uses no BLAS threads).
+    ``matrix`` holds the same taps as a CSR matrix (zero weights kept, in tap order): its
+    product adds ``weight * value`` term by term in the same order as ``apply``, so it
+    gives the very same float32 sums, in one compiled call per plane.
     """
 
     index: np.ndarray  # (out, width) input indices
     weight: np.ndarray  # (out, width) float32, 0 where unused
     inside: np.ndarray  # (out,) share of each output cell inside the image
+    count: int | None = None  # input pixels (default: the largest index + 1)
+    matrix: csr_matrix = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        out, width = self.index.shape
+        count = self.count if self.count is not None else int(self.index.max(initial=-1)) + 1
+        matrix = csr_matrix(
+            (
+                self.weight.ravel(),
+                self.index.ravel().astype(np.int32),
+                np.arange(0, out * width + 1, width, dtype=np.int32),
+            ),
+            shape=(out, count),
+        )
+        object.__setattr__(self, "matrix", matrix)
 
     @classmethod
     def from_weights(cls, dense: np.ndarray) -> Taps:
@@ -548,7 +618,8 @@ class Taps:
         valid = index < dense.shape[1]
         index = np.minimum(index, dense.shape[1] - 1)
         weight = np.take_along_axis(dense, index, axis=1) * valid
-        return cls(index, weight.astype(np.float32), dense.sum(axis=1).astype(np.float32))
+        inside = dense.sum(axis=1).astype(np.float32)
+        return cls(index, weight.astype(np.float32), inside, dense.shape[1])
 
     def apply(self, values: np.ndarray, axis: int) -> np.ndarray:
         """Resample ``values`` along ``axis`` (float32)."""
@@ -573,8 +644,20 @@ def plane_taps(header: Header, size: int) -> tuple[Taps, Taps]:
 
 
 def resample_planes(planes: np.ndarray, taps: tuple[Taps, Taps]) -> np.ndarray:
-    """(frames, rows, cols) -> (frames, size, size)."""
-    return taps[1].apply(taps[0].apply(planes, axis=1), axis=2)
+    """(frames, rows, cols) -> (frames, size, size), float32 (``Taps.apply`` on both axes)."""
+    rows, columns = taps[0].matrix, taps[1].matrix
+    if planes.dtype != np.float32 or planes.shape[1:] != (rows.shape[1], columns.shape[1]):
+        return taps[1].apply(taps[0].apply(planes, axis=1), axis=2)
+    out = np.empty((planes.shape[0], rows.shape[0], columns.shape[0]), np.float32)
+    for frame, plane in zip(out, planes, strict=True):
+        across = np.ascontiguousarray(_csr_product(rows, plane).T)  # (cols, size)
+        frame[...] = _csr_product(columns, across).T
+    return out
+
+
+def _csr_product(matrix: csr_matrix, values: np.ndarray) -> np.ndarray:
+    """``matrix @ values`` for float32 ``values`` (2D)."""
+    return np.asarray(matrix @ values, dtype=np.float32)
 
 
 def resample_depth(stack: np.ndarray, depth: int) -> np.ndarray:
@@ -633,7 +716,9 @@ def preprocess_file(
     order, problem = frame_order(header)
     if problem:
         raise _Reject("inconsistent series", f"frames: {problem}")
-    values = modality_frames(ds, header)[order]
+    values = modality_frames(ds, header)
+    if order != list(range(header.frames)):
+        values = values[order]
     bounds = window_bounds(ds, prep.window) or value_range(values)
     display = to_display(values, bounds, _inverted(ds))
     planes = resample_planes(display, taps or plane_taps(header, prep.size))
@@ -691,6 +776,18 @@ def assemble(slices: list[Slice], depth: int | None) -> np.ndarray:
 
 
 # -- the scan -------------------------------------------------------------------------------
+_Content = tuple[bytes, str] | OSError  # a file's bytes and content hash, or why not
+
+
+def _read(path: Path, hashed: bool = True) -> _Content:
+    """A file's bytes and SHA-256 (only needed with a cache: "" without), or the error."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return exc
+    return data, content_hash(data) if hashed else ""
+
+
 @dataclass
 class _File:
     path: Path
@@ -720,12 +817,11 @@ class _Loader:
 
     def add(self, path: Path) -> None:
         """Read, hash and (unless cached) parse one file; process it unless it is a slice."""
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            self.quarantine(path, _Reject("not DICOM", f"cannot read the file ({exc})"))
+        content = _read(path, hashed=self.cache is not None)
+        if isinstance(content, OSError):
+            self.quarantine(path, _Reject("not DICOM", f"cannot read the file ({content})"))
             return
-        digest = content_hash(data)
+        data, digest = content
         ds, header = self._header(digest, data)
         if isinstance(header, _Reject):
             self.quarantine(path, header)
@@ -930,21 +1026,48 @@ def load_images(
     ``progress(done, total)`` is called after each file.
     """
     root = Path(dicom_root)
-    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    paths = sorted(map(Path, _files_under(root)))
     if cache_dir is not None and Path(cache_dir).resolve().is_relative_to(root.resolve()):
         inner = Path(cache_dir).resolve()  # a cache inside the tree is not part of it
         paths = [p for p in paths if not p.resolve().is_relative_to(inner)]
-    loader = _Loader(prep, ImageCache(Path(cache_dir), prep.key()) if cache_dir else None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns about odd headers; we quarantine
-        for done, path in enumerate(paths, start=1):
-            _add_safely(loader, path)
-            if progress is not None:
-                progress(done, len(paths))
-        result = loader.finish()
-    if loader.cache is not None:
-        loader.cache.flush()
-    return result
+    chunked = len(paths) >= CHUNK_MIN_FILES
+    cache = ImageCache(Path(cache_dir), prep.key(), chunked=chunked) if cache_dir else None
+    loader = _Loader(prep, cache)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about odd headers; we quarantine
+            for done, path in enumerate(paths, start=1):
+                _add_safely(loader, path)
+                if progress is not None:
+                    progress(done, len(paths))
+            return loader.finish()
+    finally:
+        if cache is not None:
+            cache.flush()
+
+
+def _files_under(root: Path) -> list[str]:
+    """Every file under ``root``, as ``p for p in root.rglob("*") if p.is_file()`` lists
+    them (symlinked files included, symlinked folders not entered, unreadable folders
+    skipped), but from ``os.scandir`` entries, without a stat call per file."""
+    files: list[str] = []
+    folders = [os.fspath(root)] if root.is_dir() else []
+    while folders:
+        try:
+            with os.scandir(folders.pop()) as scan:
+                entries = list(scan)
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    if not entry.is_symlink():
+                        folders.append(entry.path)
+                elif entry.is_file():
+                    files.append(entry.path)
+            except OSError:
+                continue
+    return files
 
 
 def _add_safely(loader: _Loader, path: Path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from medfed.client import image_cache
+from medfed.client import dicom_data, image_cache
 from medfed.client.dicom_data import Preprocess, Window, load_images
 from medfed.client.image_cache import ImageCache, content_hash
 from medfed.simulations.synthetic_imaging import generate_imaging_sites
@@ -231,3 +231,62 @@ def test_unwritable_cache_only_warns(tmp_path, caplog):
     cache.put_array("i00", np.zeros((2, 2), np.float32))
     assert cache.array("i00", (2, 2)) is None
     assert "cannot write the image cache" in caplog.text
+
+
+# -- chunked arrays (large trees) and the plain pixel decoding ----------------------------
+def chunk_files(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("chunk-*.npc"))
+
+
+def test_large_trees_store_arrays_in_chunks(tree, tmp_path, monkeypatch, count_reads):
+    monkeypatch.setattr(dicom_data, "CHUNK_MIN_FILES", 1)  # the test tree counts as large
+    cache = tmp_path / "cache"
+    uncached = load_images(tree, PREP)
+    first = load_images(tree, PREP, cache)
+    same(first, uncached)
+    assert not list(cache.rglob("*.npy")) and len(chunk_files(cache)) == 1
+    count_reads.clear()
+    same(load_images(tree, PREP, cache), first)
+    assert not count_reads  # every array came from the chunk
+
+
+def test_damaged_chunks_are_recomputed(tree, tmp_path, monkeypatch, count_reads):
+    monkeypatch.setattr(dicom_data, "CHUNK_MIN_FILES", 1)
+    cache = tmp_path / "cache"
+    first = load_images(tree, PREP, cache)
+    (chunk,) = chunk_files(cache)
+    data = bytearray(chunk.read_bytes())
+    data[200] ^= 0xFF  # inside the first entry: that one array is a miss
+    chunk.write_bytes(bytes(data))
+    count_reads.clear()
+    same(load_images(tree, PREP, cache), first)
+    assert count_reads
+    count_reads.clear()
+    same(load_images(tree, PREP, cache), first)  # the recomputed array was stored again
+    assert not count_reads
+    for path in chunk_files(cache):
+        path.write_bytes(path.read_bytes()[:-3])  # a damaged footer: the index is not trusted
+    count_reads.clear()
+    same(load_images(tree, PREP, cache), first)
+    assert count_reads
+    assert len(chunk_files(cache)) == 1  # damaged chunks deleted, a new one written
+    forbid_reads(monkeypatch)
+    same(load_images(tree, PREP, cache), first)
+
+
+def test_image_cache_chunks_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_cache, "CHUNK_BYTES", 3 * 64 + 200)  # about 2 arrays a chunk
+    cache = ImageCache(tmp_path, "prep", environment="env", chunked=True)
+    arrays = {f"i{i:064x}": np.full((4, 4), i / 10, np.float32) for i in range(5)}
+    for key, array in arrays.items():
+        cache.put_array(key, array)
+        np.testing.assert_array_equal(cache.array(key, (4, 4)), array)  # before any flush
+    cache.flush()
+    assert not list(tmp_path.rglob("*.npy")) and len(chunk_files(tmp_path)) >= 2
+    again = ImageCache(tmp_path, "prep", environment="env")
+    for key, array in arrays.items():
+        np.testing.assert_array_equal(again.array(key, (4, 4)), array)
+        assert again.array(key, (2, 8)) is None
+    assert (
+        ImageCache(tmp_path, "prep-b", environment="env").array(next(iter(arrays)), (4, 4)) is None
+    )
