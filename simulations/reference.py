@@ -8,6 +8,7 @@ run, so that the two are compared like for like.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +39,11 @@ def pooled_reference(
     spec = get_task_spec(settings.task, settings.dataset)
     if isinstance(spec, ImagingSpec):
         return _imaging_reference(site_dirs, settings, spec)
-    splits, unusable = [], {}
-    for d in site_dirs:
-        try:
-            data = load_site_data(d / spec.csv_name, spec)
-        except DataError as exc:
-            unusable[str(d)] = str(exc)
-            continue
-        splits.append(split_train_test(data, settings.test_fraction, settings.seed))
-    if not splits:
-        raise DataError("pooled reference: no site has usable data")
+    splits, unusable = _site_splits(
+        site_dirs,
+        lambda d: load_site_data(d / spec.csv_name, spec),
+        lambda data: split_train_test(data, settings.test_fraction, settings.seed),
+    )
     X = np.concatenate([train.X for train, _ in splits])
     y = np.concatenate([train.y for train, _ in splits])
     torch.manual_seed(settings.seed)
@@ -70,6 +66,21 @@ def pooled_reference(
     span = 1.0 if spec.is_binary else spec.target.high - spec.target.low
     tests = [test for _, test in splits]
     return _summarise(model, tests, spec.is_binary, span, how, unusable, len(y))
+
+
+def _site_splits(
+    site_dirs: list[Path], load: Callable[[Path], Any], split: Callable[[Any], tuple[Any, Any]]
+) -> tuple[list[tuple[Any, Any]], dict[str, str]]:
+    """Each usable site's (train, test) split, and why the others are left out."""
+    splits, unusable = [], {}
+    for d in site_dirs:
+        try:
+            splits.append(split(load(d)))
+        except DataError as exc:
+            unusable[str(d)] = str(exc)
+    if not splits:
+        raise DataError("pooled reference: no site has usable data")
+    return splits, unusable
 
 
 def _summarise(
@@ -101,16 +112,11 @@ def _imaging_reference(
     site_dirs: list[Path], settings: RunSettings, spec: ImagingSpec
 ) -> dict[str, Any]:
     """Pooled non-private CNN on every site's training split (same splits as the run)."""
-    splits, unusable = [], {}
-    for d in site_dirs:
-        try:
-            data = load_imaging_data(d, spec, settings.samples_per_patient)
-        except DataError as exc:
-            unusable[str(d)] = str(exc)
-            continue
-        splits.append(split_by_patient(data, settings.test_fraction, settings.seed))
-    if not splits:
-        raise DataError("pooled reference: no site has usable images")
+    splits, unusable = _site_splits(
+        site_dirs,
+        lambda d: load_imaging_data(d, spec, settings.samples_per_patient),
+        lambda data: split_by_patient(data, settings.test_fraction, settings.seed),
+    )
     X = np.concatenate([train.X for train, _ in splits])
     y = np.concatenate([train.y for train, _ in splits])
     model = build_model(settings.model, spec.model_input, settings.seed)
