@@ -1,5 +1,6 @@
 """Secure aggregation core: key agreement, mask expansion, shares, exact fixed-point sums.
 
-The protocol stages (SecAgg+ shape, Bell et al. CCS 2020) live in the server workflow and the
-client mod; this package holds only the cryptographic building blocks they use.
+``masks``, ``quantize``, ``shares`` and ``identity`` are the cryptographic building blocks;
+``protocol`` holds the SecAgg+ stages (Bell et al. CCS 2020) as transport-independent site
+and server state machines, which the Flower workflow and client mod carry as messages.
 """
