@@ -73,9 +73,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from medfed.client.deid_profile import EDITION, lookup
+from medfed.client.image_cache import CACHE_DIR_NAME
 from medfed.common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-SITE_CACHE_DIR = ".medfed-cache"  # medfed.client.imaging_data.CACHE_DIR_NAME
 REPORT_NAME = "deid_report.json"
 LABELS_NAME = "labels.csv"
 DICOM_DIR = "dicom"
@@ -589,7 +589,7 @@ class _Run:
 def _files(root: Path) -> Iterator[Path]:
     for folder, dirs, names in os.walk(root):
         # The site's own preprocessing cache holds no DICOM: not input, not reported.
-        dirs[:] = sorted(d for d in dirs if d != SITE_CACHE_DIR)
+        dirs[:] = sorted(d for d in dirs if d != CACHE_DIR_NAME)
         for name in names:
             path = Path(folder) / name
             if path.is_file():

@@ -59,6 +59,8 @@ from typing import Any
 
 import numpy as np
 
+#: The cache's folder inside a site directory (`medfed data deid` never copies it).
+CACHE_DIR_NAME = ".medfed-cache"
 CACHE_FORMAT = "v1"
 DECODER_PACKAGES = (
     "pydicom",

@@ -33,9 +33,9 @@ from sklearn.model_selection import train_test_split
 
 from medfed.client.data import DataError, SkippedRow
 from medfed.client.dicom_data import ImageItem, Preprocess, Quarantined, Window, load_images
+from medfed.client.image_cache import CACHE_DIR_NAME
 from medfed.common.tasks import ImagingSpec
 
-CACHE_DIR_NAME = ".medfed-cache"
 STUDY_KEY, PATIENT_KEY, LABEL_KEY = "StudyInstanceUID", "PatientID", "label"
 
 
@@ -204,7 +204,7 @@ def load_imaging_data(
     labels = read_labels(site_dir / spec.labels_name)
     cache = site_dir / CACHE_DIR_NAME if use_cache else None
     items, quarantined = load_images(dicom_root, preprocess_for(spec), cache, progress)
-    fitting = [i for i in items if (i.array.ndim == 3) == spec.is_volume]
+    fitting = [i for i in items if i.is_volume == spec.is_volume]
     wrong_kind = (
         "a 2D image where the task expects volumes"
         if spec.is_volume
@@ -213,7 +213,7 @@ def load_imaging_data(
     misfits = [
         Quarantined(f, "inconsistent series", wrong_kind)
         for i in items
-        if (i.array.ndim == 3) != spec.is_volume
+        if i.is_volume != spec.is_volume
         for f in i.files
     ]
     chosen, no_label, beyond = select_per_patient(fitting, labels, samples_per_patient)

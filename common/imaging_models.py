@@ -100,6 +100,12 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(max(1, channels // 4), channels, affine=False)
 
 
+def _pooled_logit(features: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """Global mean and max over all positions, concatenated, then one logit per sample."""
+    h = features.flatten(2)
+    return head(torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1)).squeeze(-1)
+
+
 class ConvNet2d(nn.Module):
     """2D CNN for radiographs ``(B, 1, S, S)`` -> logits ``(B,)``.
 
@@ -124,9 +130,7 @@ class ConvNet2d(nn.Module):
         self.head = nn.Linear(2 * previous, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.features(_centre(x)).flatten(2)
-        pooled = torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1)
-        return self.head(pooled).squeeze(-1)
+        return _pooled_logit(self.features(_centre(x)), self.head)
 
 
 class ConvNet3d(nn.Module):
@@ -152,9 +156,7 @@ class ConvNet3d(nn.Module):
         self.head = nn.Linear(2 * previous, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.features(_centre(x)).flatten(2)
-        pooled = torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1)
-        return self.head(pooled).squeeze(-1)
+        return _pooled_logit(self.features(_centre(x)), self.head)
 
 
 def _final_size(size: int, kernels: tuple[int, ...], strides: tuple[int, ...]) -> int:

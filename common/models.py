@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medfed.common.imaging_models import IMAGING_MODELS, build_imaging_model
+
 TABULAR_MODELS = ("logreg", "mlp")
-IMAGING_MODEL_NAMES = ("cnn2d", "cnn3d")
-MODELS = TABULAR_MODELS + IMAGING_MODEL_NAMES
+MODELS = TABULAR_MODELS + IMAGING_MODELS
 
 
 class LinearModel(nn.Module):
@@ -59,8 +60,6 @@ def build_model(name: str, model_input: int | tuple[int, ...], seed: int) -> nn.
     models, a sample shape (channels first, no batch) for the imaging CNNs.
     """
     if isinstance(model_input, tuple):
-        from medfed.common.imaging_models import build_imaging_model
-
         return build_imaging_model(name, model_input, seed)
     num_features = model_input
     generator_state = torch.random.get_rng_state()

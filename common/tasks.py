@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 TASKS = ("risk", "rehab", "xray", "ct")
-IMAGING_TASKS = ("xray", "ct")
 DATASETS = ("synthetic", "heart-disease")
 
 
@@ -230,11 +229,6 @@ _SPECS = {
     ("xray", "synthetic"): SYNTHETIC_XRAY,
     ("ct", "synthetic"): SYNTHETIC_CT,
 }
-
-
-def is_imaging(task: str) -> bool:
-    """Whether ``task`` trains on a site's DICOM images rather than a clinical CSV."""
-    return task in IMAGING_TASKS
 
 
 def get_task_spec(task: str, dataset: str) -> TaskSpec | ImagingSpec:

@@ -377,10 +377,9 @@ def _save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
         try:
             ds.compress(transfer_syntax, generate_instance_uid=False)  # UIDs stay seeded
         except (RuntimeError, NotImplementedError, ValueError) as exc:
+            # Name the file and syntax; pydicom's message names neither.
             raise RuntimeError(
-                f"{path}: cannot encode as {UID(transfer_syntax).name} ({exc}); install the "
-                "pixel data plugins listed in pyproject.toml (pylibjpeg-rle, pyjpegls, "
-                "pylibjpeg-openjpeg)"
+                f"{path}: cannot encode as {UID(transfer_syntax).name}: {exc}"
             ) from exc
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)

@@ -228,8 +228,8 @@ def _frozen_map(value: Mapping) -> Mapping:
 
 
 @dataclass(frozen=True)
-class SharesMessage:
-    """Stage 1, site -> server: one sealed :class:`SharePayload` per live neighbour."""
+class _Ciphertexts:
+    """Sealed share payloads of one round, keyed by the other node of each pair."""
 
     node_id: int
     run_id: int
@@ -241,16 +241,13 @@ class SharesMessage:
 
 
 @dataclass(frozen=True)
-class RoutedShares:
+class SharesMessage(_Ciphertexts):
+    """Stage 1, site -> server: one sealed :class:`SharePayload` per live neighbour."""
+
+
+@dataclass(frozen=True)
+class RoutedShares(_Ciphertexts):
     """Stage 1, server -> site ``node_id``: the ciphertexts addressed to it, keyed by sender."""
-
-    node_id: int
-    run_id: int
-    server_round: int
-    ciphertexts: Mapping[int, bytes]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ciphertexts", _frozen_map(self.ciphertexts))
 
 
 @dataclass(frozen=True)

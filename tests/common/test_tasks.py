@@ -85,11 +85,11 @@ def test_get_task_spec_unknown_names_both(task: str, dataset: str) -> None:
 
 
 def test_imaging_specs_give_the_model_input_shape():
-    from medfed.common.tasks import SYNTHETIC_CT, SYNTHETIC_XRAY, is_imaging
+    from medfed.common.tasks import SYNTHETIC_CT, SYNTHETIC_XRAY, ImagingSpec
 
     assert get_task_spec("xray", "synthetic") is SYNTHETIC_XRAY
     assert SYNTHETIC_XRAY.model_input == (1, 64, 64) and SYNTHETIC_XRAY.models == ("cnn2d",)
     assert SYNTHETIC_CT.model_input == (1, 16, 64, 64) and SYNTHETIC_CT.is_volume
-    assert is_imaging("ct") and not is_imaging("risk")
+    assert not isinstance(get_task_spec("risk", "synthetic"), ImagingSpec)
     with pytest.raises(ValueError, match="task='xray', dataset='heart-disease'"):
         get_task_spec("xray", "heart-disease")
