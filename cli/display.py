@@ -48,7 +48,7 @@ class RoundProgress:
             self._describe(f"round {event['round']}: asking sites")
         elif kind == "asked":
             accepted = len(event.get("accepted", []))
-            self._describe(f"round {event['round']}: {accepted} training (DP-SGD + SecAgg+)")
+            self._describe(f"round {event['round']}: {accepted} training (DP-SGD)")
             for site, reason in (event.get("declined") or {}).items():
                 self.progress.console.print(
                     f"  [yellow]round {event['round']}: {site} declined[/]: {reason}"

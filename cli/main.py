@@ -50,6 +50,12 @@ class Model(StrEnum):
     cnn3d = "cnn3d"
 
 
+class SecureAgg(StrEnum):
+    medfed = "medfed"
+    flower = "flower"
+    off = "off"
+
+
 DEFAULT_MODEL = {"risk": "logreg", "rehab": "logreg", "xray": "cnn2d", "ct": "cnn3d"}
 
 
@@ -165,6 +171,14 @@ def simulate(
         help="Imaging: most images (studies) one patient contributes; >1 is recorded in "
         "the ledger and weakens protection to that of a group of k samples.",
     ),
+    secure_agg: SecureAgg = typer.Option(
+        SecureAgg.medfed,
+        "--secure-agg",
+        help="medfed: secure aggregation with roster-signed keys and ChaCha20 masks "
+        "(fresh site identities per run); flower: Flower 1.42 SecAgg+, for comparison; "
+        "off: the coordinator sees each site's DP update. New site policies allow the "
+        "chosen mode; existing ones decide for themselves.",
+    ),
     reference: bool = typer.Option(
         True, help="Also train the pooled non-private reference (simulation only)."
     ),
@@ -200,6 +214,7 @@ def simulate(
                 "data_root": str(data_dir or out_dir / "sites"),
                 "out_dir": str(out_dir),
                 "samples_per_patient": samples_per_patient,
+                "secure_agg": secure_agg.value,
             }
         )
     except ConfigError as exc:
@@ -219,7 +234,7 @@ def simulate(
             console.print(
                 f"[bold]medfed simulate[/]: {task.value} on {dataset.value}, "
                 f"{settings.num_rounds} rounds, epsilon {settings.epsilon:g} per "
-                f"site, output in {out_dir}"
+                f"site, secure aggregation {settings.secure_agg}, output in {out_dir}"
             )
             with RoundProgress(console, settings.num_rounds) as progress:
                 result = run(plan, on_event=progress)

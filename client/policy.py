@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -57,6 +58,11 @@ class SitePolicy(BaseModel):
     max_samples_per_patient : int
         Imaging: the largest per-patient cap k a run may ask for; 1 means DP protects
         each patient directly.
+    allowed_secure_agg : list of {"medfed", "flower", "off"}
+        How the site lets its updates be combined. The default accepts only medfed's
+        secure aggregation (authenticated keys, masks from a cryptographic generator);
+        "flower" (Flower's SecAgg+, unauthenticated keys) and "off" (the coordinator
+        sees each DP update) must be allowed explicitly.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -73,6 +79,9 @@ class SitePolicy(BaseModel):
     on_bad_row: str = Field("skip", pattern="^(skip|error)$")
     require_deidentified: bool = False
     max_samples_per_patient: int = Field(1, ge=1, le=100)
+    allowed_secure_agg: list[Literal["medfed", "flower", "off"]] = Field(
+        default_factory=lambda: ["medfed"], min_length=1
+    )
 
     def refusal(self, settings: RunSettings) -> str | None:
         """Why this policy forbids ``settings``, or None if it allows them."""
@@ -91,6 +100,11 @@ class SitePolicy(BaseModel):
             return (
                 f"{settings.samples_per_patient} samples per patient requested, site policy "
                 f"allows at most {self.max_samples_per_patient}"
+            )
+        if settings.secure_agg not in self.allowed_secure_agg:
+            return (
+                f"secure aggregation '{settings.secure_agg}' not allowed by site policy "
+                f"(allowed: {', '.join(self.allowed_secure_agg)})"
             )
         return None
 

@@ -9,11 +9,17 @@ wrong types, out-of-range values and unknown keys are errors that name the key.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medfed.common.tasks import get_task_spec
+
+#: ``medfed simulate`` writes fresh identities for every run: the roster in the data root,
+#: each site's Ed25519 key in its data directory.
+SIM_ROSTER_NAME = "roster.json"
+SIM_IDENTITY_NAME = "site-identity.pem"
 
 
 class ConfigError(ValueError):
@@ -59,6 +65,10 @@ class RunSettings(BaseModel):
         Simulation only: folder holding ``site-<i>`` data directories.
     out_dir : str
         Where the coordinator writes run.json, checkpoints and progress events.
+    secure_agg : {"medfed", "flower", "off"}
+        How site updates are combined: medfed's secure aggregation (authenticated keys,
+        masks from ChaCha20; the default), Flower 1.42's SecAgg+ (kept for comparison),
+        or plain FedAvg of unmasked updates. Each site's policy says which it accepts.
     secagg_timeout : float
         Seconds each secure-aggregation stage (and evaluation) waits for replies.
     ask_timeout : float
@@ -68,6 +78,14 @@ class RunSettings(BaseModel):
         Share of a site's neighbours needed to unmask (SecAgg+ reconstruction threshold).
     max_weight : float
         Largest sample count a site may report (SecAgg+ weight quantisation bound).
+    secagg_clip : float
+        medfed secure aggregation: each coordinate of a site's update (new weights minus
+        the global model) is clipped to [-clip, clip] before fixed-point encoding.
+    secagg_roster : str
+        medfed secure aggregation: the consortium roster (site id -> Ed25519 identity
+        key) the coordinator checks key bundles against; empty means
+        ``<data_root>/roster.json``, which ``medfed simulate`` writes afresh for every
+        run. Sites in a deployment read their own copy from their node config.
     samples_per_patient : int
         Imaging: most samples (studies/images) one patient contributes. 1 makes DP
         protect patients directly; k > 1 is recorded in the ledger, and a patient's
@@ -91,11 +109,14 @@ class RunSettings(BaseModel):
     test_fraction: float = Field(0.25, gt=0, lt=1)
     data_root: str = "medfed-data/synthetic-risk"
     out_dir: str = "medfed-runs/latest"
+    secure_agg: Literal["medfed", "flower", "off"] = "medfed"
     secagg_timeout: float = Field(60.0, gt=0)
     ask_timeout: float = Field(300.0, gt=0)
     secagg_threshold: float = Field(0.66, gt=0, le=1)
     max_weight: float = Field(100000.0, gt=1)
     samples_per_patient: int = Field(1, ge=1, le=100)
+    secagg_clip: float = Field(4.0, gt=0, le=1e6)
+    secagg_roster: str = ""
 
     @model_validator(mode="after")
     def _task_matches_dataset(self) -> RunSettings:
@@ -125,6 +146,10 @@ class RunSettings(BaseModel):
             raise ConfigError(_describe(exc, "run config", hyphenate)) from None
         except ValueError as exc:
             raise ConfigError(f"run config: {exc}") from None
+
+    def roster_path(self) -> Path:
+        """The coordinator's roster file: ``secagg_roster``, else the simulation's."""
+        return Path(self.secagg_roster or Path(self.data_root) / SIM_ROSTER_NAME)
 
     def to_flower(self) -> dict[str, Any]:
         """Return the settings as a Flower run config (hyphenated keys)."""

@@ -34,6 +34,7 @@ class RoundRecord:
     model_sha256: str = ""
     seconds: float = 0.0
     note: str = ""
+    secure_aggregation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

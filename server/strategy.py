@@ -1,9 +1,11 @@
 """FedAvg restricted to the sites that accepted the round, keeping per-site reports.
 
-Under SecAgg+ every fit result carries the *same* already-aggregated parameters (the
-secure sum divided by the summed weights), so FedAvg's weighted average returns them
-unchanged; what this class adds is site selection and bookkeeping of the aggregates
-that sites release (their budget figures and cohort-level metrics).
+Under Flower's SecAgg+ every fit result carries the *same* already-aggregated parameters
+(the secure sum divided by the summed weights), so FedAvg's weighted average returns them
+unchanged; medfed's secure aggregation updates the global model itself and only hands the
+sites' reports to :meth:`SiteSelectingFedAvg.note_fit`; without secure aggregation this is
+plain weighted FedAvg. What this class adds is site selection and bookkeeping of the
+aggregates that sites release (their budget figures and cohort-level metrics).
 """
 
 from __future__ import annotations
@@ -66,10 +68,14 @@ class SiteSelectingFedAvg(FedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[Any],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        for _, res in results:
+        self.note_fit([res for _, res in results])
+        return super().aggregate_fit(server_round, results, failures)
+
+    def note_fit(self, results: list[FitRes]) -> None:
+        """Keep the budget figures and metrics that the sites in the sum reported."""
+        for res in results:
             site = str(res.metrics.get(SITE_ID_KEY, "?"))
             self.fit_reports[site] = {"num_examples": res.num_examples, **res.metrics}
-        return super().aggregate_fit(server_round, results, failures)
 
     def aggregate_evaluate(
         self,

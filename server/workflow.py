@@ -5,8 +5,11 @@ Each round:
 1. **Ask** every connected site whether it will train this round with the run's
    settings (a ``get_properties`` message). Each site answers from its own policy and
    ledger, and a refusal carries its reason.
-2. **Train** with Flower's SecAgg+ workflow over the sites that accepted, when at least
-   ``min_sites`` did: the coordinator only ever sees the masked updates and their sum.
+2. **Train** over the sites that accepted, when at least ``min_sites`` did, through the
+   run's secure aggregation: medfed's (:mod:`medfed.server.medfed_secagg`, the default)
+   or Flower's SecAgg+ workflow, where the coordinator only ever sees masked updates and
+   their sum; or, with ``secure-agg = "off"``, plain FedAvg of the sites' DP updates.
+   An aborted secure-aggregation round leaves the model as it was; the run goes on.
 3. **Evaluate** the new global model at every site (cohort-level metrics only).
 4. **Checkpoint** the global model and rewrite ``run.json``.
 """
@@ -14,6 +17,7 @@ Each round:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from logging import INFO
 from pathlib import Path
@@ -25,6 +29,7 @@ from flwr.app.message_type import MessageType
 from flwr.common import (
     Code,
     GetPropertiesIns,
+    Parameters,
     parameters_to_ndarrays,
 )
 from flwr.common.constant import MessageTypeLegacy
@@ -37,7 +42,10 @@ from flwr.supercore import log
 
 from medfed.common.config import RunSettings
 from medfed.common.messages import ACCEPT_KEY, REASON_KEY, ROUND_KEY, SITE_ID_KEY
+from medfed.common.secagg.identity import Roster
+from medfed.common.secagg.quantize import DEFAULT_MODULUS_BITS
 from medfed.server.checkpoint import save_checkpoint
+from medfed.server.medfed_secagg import MedfedSecAggWorkflow
 from medfed.server.run_record import RoundRecord, RunRecord, emit_event
 from medfed.server.strategy import SiteSelectingFedAvg
 
@@ -75,6 +83,7 @@ class MedfedWorkflow:
         self.expected_sites = expected_sites
         self.model_meta = model_meta
         self._node_names: dict[int, str] = {}
+        self._roster: Roster | None = None
 
     def __call__(self, grid: Grid, context: LegacyContext) -> RunRecord:
         record = RunRecord(
@@ -145,7 +154,12 @@ class MedfedWorkflow:
                 )
         else:
             strategy.select(set(accepted))
-            self._secure_fit(grid, context, accepted)
+            if self.settings.secure_agg == "medfed":
+                self._medfed_fit(grid, context, server_round, accepted, rnd)
+            elif self.settings.secure_agg == "flower":
+                self._flower_fit(grid, context, accepted)
+            else:
+                self._plain_fit(grid, context, server_round)
             rnd.participants = sorted(strategy.fit_reports)
             rnd.dropped = sorted(
                 str(r[SITE_ID_KEY])
@@ -157,7 +171,9 @@ class MedfedWorkflow:
                 self._note_training(record, strategy.fit_reports)
             else:
                 rnd.status = "aborted"
-                rnd.note = "secure aggregation did not complete (too few sites survived)"
+                rnd.note = (
+                    rnd.note or "secure aggregation did not complete (too few sites survived)"
+                )
         loss, metrics, per_site = self._evaluate(grid, context, server_round)
         rnd.aggregate_metrics = {"loss": loss, **metrics} if loss is not None else {}
         rnd.site_metrics = per_site
@@ -207,7 +223,87 @@ class MedfedWorkflow:
         )
         return replies
 
-    def _secure_fit(
+    def _medfed_fit(
+        self,
+        grid: Grid,
+        context: LegacyContext,
+        server_round: int,
+        accepted: dict[int, dict[str, Any]],
+        rnd: RoundRecord,
+    ) -> None:
+        if self._roster is None:
+            self._roster = load_roster(self.settings)
+        outcome = MedfedSecAggWorkflow(
+            self._roster,
+            threshold=self.settings.secagg_threshold,
+            clip=self.settings.secagg_clip,
+            timeout=self.settings.secagg_timeout,
+        )(grid, context, server_round, accepted)
+        context.strategy.note_fit([res for _, res in outcome.fit_results])  # type: ignore[attr-defined]
+        rnd.secure_aggregation = outcome.summary(self._name)
+        if outcome.status != "aggregated":
+            rnd.note = f"secure aggregation aborted: {outcome.note}"
+
+    def _plain_fit(self, grid: Grid, context: LegacyContext, server_round: int) -> None:
+        """FedAvg of the sites' DP updates in the clear (``secure-agg = "off"``)."""
+        strategy: SiteSelectingFedAvg = context.strategy  # type: ignore[assignment]
+        instructions = strategy.configure_fit(
+            server_round, self._global_parameters(context), context.client_manager
+        )
+        results = self._exchange(
+            grid,
+            server_round,
+            instructions,
+            MessageType.TRAIN,
+            lambda ins: compat.fitins_to_recorddict(ins, True),
+            lambda content: compat.recorddict_to_fitres(content, True),
+        )
+        if not results:
+            return
+        aggregated, _ = strategy.aggregate_fit(server_round, results, [])
+        if aggregated is not None:
+            context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+                aggregated, keep_input=True
+            )
+
+    def _exchange(
+        self,
+        grid: Grid,
+        server_round: int,
+        instructions: list[tuple[Any, Any]],
+        message_type: str,
+        encode: Callable[[Any], Any],
+        decode: Callable[[Any], Any],
+    ) -> list[tuple[Any, Any]]:
+        """Send legacy instructions, return (proxy, result) for the sites that answered OK."""
+        proxies = {proxy.node_id: proxy for proxy, _ in instructions}
+        messages = [
+            Message(
+                content=encode(ins),
+                dst_node_id=proxy.node_id,
+                message_type=message_type,
+                group_id=str(server_round),
+            )
+            for proxy, ins in instructions
+        ]
+        results = []
+        for msg in grid.send_and_receive(messages, timeout=self.settings.secagg_timeout):
+            if msg.has_content():
+                res = decode(msg.content)
+                if res.status.code == Code.OK:
+                    results.append((proxies[msg.metadata.src_node_id], res))
+        return results
+
+    @staticmethod
+    def _global_parameters(context: LegacyContext) -> Parameters:
+        return compat.arrayrecord_to_parameters(
+            context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
+        )
+
+    def _name(self, node_id: int) -> str:
+        return self._node_names.get(node_id, f"node {node_id}")
+
+    def _flower_fit(
         self, grid: Grid, context: LegacyContext, accepted: dict[int, dict[str, Any]]
     ) -> None:
         largest = max(int(r.get("train-records", 1)) for r in accepted.values())
@@ -222,34 +318,22 @@ class MedfedWorkflow:
         self, grid: Grid, context: LegacyContext, server_round: int
     ) -> tuple[float | None, dict[str, Any], dict[str, dict[str, Any]]]:
         strategy: SiteSelectingFedAvg = context.strategy  # type: ignore[assignment]
-        parameters = compat.arrayrecord_to_parameters(
-            context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
+        instructions = strategy.configure_evaluate(
+            server_round, self._global_parameters(context), context.client_manager
         )
-        instructions = strategy.configure_evaluate(server_round, parameters, context.client_manager)
-        proxies = {proxy.node_id: proxy for proxy, _ in instructions}
-        messages = [
-            Message(
-                content=compat.evaluateins_to_recorddict(ins, True),
-                dst_node_id=proxy.node_id,
-                message_type=MessageType.EVALUATE,
-                group_id=str(server_round),
-            )
-            for proxy, ins in instructions
-        ]
-        results = []
-        for msg in grid.send_and_receive(messages, timeout=self.settings.secagg_timeout):
-            if not msg.has_content():
-                continue
-            res = compat.recorddict_to_evaluateres(msg.content)
-            if res.status.code == Code.OK:
-                results.append((proxies[msg.metadata.src_node_id], res))
+        results = self._exchange(
+            grid,
+            server_round,
+            instructions,
+            MessageType.EVALUATE,
+            lambda ins: compat.evaluateins_to_recorddict(ins, True),
+            compat.recorddict_to_evaluateres,
+        )
         loss, metrics = strategy.aggregate_evaluate(server_round, results, [])
         return loss, metrics, strategy.eval_reports
 
     def _checkpoint(self, context: LegacyContext, server_round: int) -> tuple[str, str]:
-        parameters = compat.arrayrecord_to_parameters(
-            context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
-        )
+        parameters = self._global_parameters(context)
         path, digest = save_checkpoint(
             self.out_dir,
             server_round,
@@ -288,12 +372,36 @@ class MedfedWorkflow:
             site.noise_multiplier = float(report.get("noise-multiplier", 0))
 
     def _secagg_description(self) -> dict[str, Any]:
-        return {
-            "protocol": "flower-secagg+",
-            "num_shares": "all selected sites",
+        common = {
             "reconstruction_threshold": self.settings.secagg_threshold,
             "timeout_seconds": self.settings.secagg_timeout,
-            "note": "Flower 1.42 SecAgg+: masks from a 32-bit-folded seed and numpy "
-            "RandomState; key-agreement keys not authenticated (replaced in a later "
-            "release).",
         }
+        if self.settings.secure_agg == "medfed":
+            return {
+                "protocol": "medfed",
+                **common,
+                "clip": self.settings.secagg_clip,
+                "modulus_bits": DEFAULT_MODULUS_BITS,
+                "note": "SecAgg+ stages over every selected site; X25519 key agreement "
+                "signed with each site's Ed25519 identity and checked against the roster; "
+                "HKDF-SHA256 bound to run, round and pair; ChaCha20 masks in Z_2^32; Shamir "
+                "shares under ChaCha20-Poly1305. Honest-but-curious coordinator; no "
+                "survivor-set consistency round.",
+            }
+        if self.settings.secure_agg == "flower":
+            return {
+                "protocol": "flower-secagg+",
+                **common,
+                "num_shares": "all selected sites",
+                "note": "Flower 1.42 SecAgg+: masks from a 32-bit-folded seed and numpy "
+                "RandomState; key-agreement keys not authenticated.",
+            }
+        return {
+            "protocol": "off",
+            "note": "No secure aggregation: the coordinator sees each site's DP update.",
+        }
+
+
+def load_roster(settings: RunSettings) -> Roster:
+    """The roster the coordinator checks key bundles against (see ``secagg-roster``)."""
+    return Roster.load(settings.roster_path())

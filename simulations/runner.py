@@ -27,6 +27,7 @@ from medfed.common.tasks import ImagingSpec, get_task_spec
 from medfed.server.app import build_server_app
 from medfed.server.run_record import EVENTS_NAME, RUN_RECORD_NAME
 from medfed.simulations.heart_disease import HOSPITALS, prepare_heart_disease_sites
+from medfed.simulations.identities import write_simulation_identities
 from medfed.simulations.reference import pooled_reference
 from medfed.simulations.synthetic import generate_risk_sites
 from medfed.simulations.synthetic_imaging import generate_imaging_sites
@@ -121,6 +122,7 @@ def prepare_sites(plan: SimulationPlan) -> list[Path]:
                     delta=max(settings.delta, 1e-5),
                     min_cohort=plan.min_cohort,
                     max_samples_per_patient=settings.samples_per_patient,
+                    allowed_secure_agg=sorted({"medfed", settings.secure_agg}),
                 ),
             )
     return site_dirs
@@ -148,6 +150,8 @@ def run(
             f"{len(site_dirs)} site(s) under {settings.data_root}, at least "
             f"{settings.min_sites} needed"
         )
+    if settings.secure_agg == "medfed":
+        write_simulation_identities(site_dirs, settings.roster_path())
     started = time.time()
     watcher = _EventWatcher(out_dir / EVENTS_NAME, on_event) if on_event else None
     try:

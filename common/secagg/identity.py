@@ -11,7 +11,10 @@ aborts the round, naming the site, on: an unknown node, a bad signature (substit
 tampered keys), or a bundle for another run or round (replay).
 
 Identities come from the deployment enrolment where it exists; simulations make fresh
-ones per simulation with :func:`simulation_roster`.
+ones per simulation with :func:`simulation_roster`. A site keeps its identity key in a file
+of its own (:func:`save_identity`, :func:`load_identity`: unencrypted PKCS8 PEM, mode 0o600,
+so it is protected by the file system like an SSH host key), and finds its roster entry
+from it with :meth:`Roster.node_of`.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from medfed.common.atomic import atomic_write_json
+from medfed.common.atomic import atomic_write_bytes, atomic_write_json
 
 KEYS_TAG = b"medfed-secagg-keys-v1"
 """Domain separation: an identity signature over key bundles means nothing else."""
@@ -50,7 +54,14 @@ class KeyAuthenticationError(Exception):
 
 
 class RosterError(ValueError):
-    """The roster file or one of its entries is malformed."""
+    """The roster file or one of its entries is malformed, or a key is not in the roster."""
+
+
+class IdentityError(ValueError):
+    """An identity key file is missing, unreadable, or not an unencrypted Ed25519 PEM key.
+
+    The message names the file, never its contents.
+    """
 
 
 def generate_identity() -> Ed25519PrivateKey:
@@ -98,6 +109,17 @@ class Roster:
         """``site 'name' (node 7)`` or ``node 7``, for error messages."""
         name = self.names.get(node_id)
         return f"site {name!r} (node {node_id})" if name else f"node {node_id}"
+
+    def node_of(self, public_key: bytes) -> int:
+        """The node id enrolled with this raw 32-byte Ed25519 public key (e.g.
+        ``public_key_bytes(load_identity(path))``); :class:`RosterError` if none is."""
+        key = bytes(public_key)
+        for node_id, enrolled in self.keys.items():
+            if enrolled == key:
+                return node_id
+        raise RosterError(
+            f"public key {key[:8].hex()}... ({len(key)} bytes) is not enrolled in the roster"
+        )
 
     def public_key(self, node_id: int) -> Ed25519PublicKey:
         """The identity public key of ``node_id``; ``KeyError`` if it is not enrolled."""
@@ -195,6 +217,62 @@ def simulation_roster(
     private = {node_id: generate_identity() for node_id in ids}
     roster = Roster({node_id: public_key_bytes(key) for node_id, key in private.items()})
     return roster, private
+
+
+def save_identity(path: Path, key: Ed25519PrivateKey) -> None:
+    """Write an identity key as unencrypted PKCS8 PEM, readable by its owner only.
+
+    Written atomically (:func:`~medfed.common.atomic.atomic_write_bytes`): the bytes go to a
+    temporary file that ``tempfile.mkstemp`` creates with mode 0o600 before anything is written,
+    which then replaces ``path``; so the key is never readable by others, not even briefly, and
+    an existing file is never left half-written. Parent folders are created as needed.
+    """
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(
+            f"{path}: can only save an Ed25519 identity key, not {type(key).__name__}"
+        )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    atomic_write_bytes(Path(path), pem)
+
+
+def load_identity(path: Path) -> Ed25519PrivateKey:
+    """Read an identity key written by :func:`save_identity`.
+
+    :class:`IdentityError` naming the path if the file is missing or unreadable, is not a PEM
+    private key, is encrypted, or holds a key of another type.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IdentityError(f"identity key file {path} does not exist") from None
+    except OSError as exc:
+        raise IdentityError(f"cannot read identity key file {path}: {exc.strerror}") from None
+    if b"-----BEGIN" not in data:
+        raise IdentityError(f"identity key file {path} is not PEM")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise IdentityError(
+            f"identity key file {path} is encrypted; expected an unencrypted PKCS8 key"
+        ) from None
+    except ValueError:
+        raise IdentityError(
+            f"identity key file {path} does not hold a readable PEM private key"
+        ) from None
+    except UnsupportedAlgorithm:
+        raise IdentityError(
+            f"identity key file {path} holds a key of an unsupported type"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise IdentityError(
+            f"identity key file {path} holds a {type(key).__name__}, not an Ed25519 key"
+        )
+    return key
 
 
 def _lp(data: bytes) -> bytes:

@@ -41,6 +41,13 @@ SecAgg+ without its consistency-check round): a *malicious* server that tells di
 different survivor sets could collect a seed share from some and a key share from others for
 the same node; choosing t above 2/3 of each neighbourhood plus a signed consistency round
 closes that and is left to the wiring.
+
+Persistence: a Flower ClientApp is rebuilt for every message, so a client mod keeps a site's
+session between stages in ``context.state``. :meth:`SiteSession.state_dict` gives what the
+session holds beyond its constructor arguments as flat ``ConfigRecord`` values, and
+:meth:`SiteSession.load_state_dict` restores it into a freshly constructed session. That state
+holds the site's secrets (its private keys and seed until it masks, the shares it holds until
+it unmasks), so it must stay on the site, as the session object itself would.
 """
 
 from __future__ import annotations
@@ -116,12 +123,45 @@ class UnmaskRefused(ProtocolError):
 
 
 class _Stage(enum.IntEnum):
+    """Which stage method a site (or the server) accepts next; the values are persisted."""
+
     KEYS = 0
     SHARES = 1
     MASKED = 2
     UNMASK = 3
     DONE = 4
     ABORTED = 5
+
+
+StateValue = int | bytes | list[int] | list[bytes]
+"""A value of :meth:`SiteSession.state_dict`: what a Flower ``ConfigRecord`` stores."""
+
+_STATE_KEYS: Mapping[_Stage, frozenset[str]] = MappingProxyType(
+    {
+        _Stage.KEYS: frozenset({"stage"}),
+        _Stage.SHARES: frozenset({"stage", "mask-private", "share-private", "bundle"}),
+        _Stage.MASKED: frozenset(
+            {
+                "stage",
+                "mask-private",
+                "share-private",
+                "bundle",
+                "seed",
+                "peer-ids",
+                "peer-bundles",
+                "share-keys",
+                "held-ids",
+                "held-payloads",
+            }
+        ),
+        _Stage.UNMASK: frozenset(
+            {"stage", "bundle", "peer-ids", "peer-bundles", "held-ids", "held-payloads"}
+        ),
+        _Stage.DONE: frozenset({"stage"}),
+        _Stage.ABORTED: frozenset({"stage"}),
+    }
+)
+_SECRET_BYTES = 32  # X25519 private keys, the self-mask seed, share keys
 
 
 # --------------------------------------------------------------------------- configuration
@@ -315,6 +355,77 @@ def _check_header(
 # --------------------------------------------------------------------------- site
 
 
+class _StateReader:
+    """Typed, strict access to a persisted site state; errors name the key."""
+
+    def __init__(self, state: Mapping, node_id: int) -> None:
+        self.state = state
+        self.node_id = node_id
+
+    def error(self, key: str, detail: str) -> ProtocolError:
+        return ProtocolError(
+            f"node {self.node_id}: session state key {key!r}: {detail}", self.node_id
+        )
+
+    def get(self, key: str) -> object:
+        if key not in self.state:
+            raise self.error(key, "missing")
+        return self.state[key]
+
+    def stage(self) -> _Stage:
+        value = self.get("stage")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error("stage", f"must be an int, got {type(value).__name__}")
+        try:
+            return _Stage(value)
+        except ValueError:
+            low, high = min(_Stage).value, max(_Stage).value
+            raise self.error("stage", f"must be in {low}..{high}, got {value}") from None
+
+    def raw(self, key: str, size: int | None = None) -> bytes:
+        value = self.get(key)
+        if not isinstance(value, bytes):
+            raise self.error(key, f"must be bytes, got {type(value).__name__}")
+        if size is not None and len(value) != size:
+            raise self.error(key, f"must be {size} bytes, got {len(value)}")
+        return value
+
+    def ids(self, key: str) -> list[int]:
+        """Node ids, strictly increasing (sorted, no duplicates), each an unsigned 64-bit int."""
+        values = self.get(key)
+        if not isinstance(values, list):
+            raise self.error(key, f"must be a list, got {type(values).__name__}")
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < _U64:
+                raise self.error(key, f"item {i} must be an unsigned 64-bit integer, got {v!r}")
+            if i and v <= values[i - 1]:
+                raise self.error(key, "must be sorted ascending without duplicates")
+        return values
+
+    def blobs(self, key: str, ids_key: str, ids: list[int], size: int | None = None) -> list:
+        """A list of bytes parallel to ``ids`` (read from ``ids_key``)."""
+        values = self.get(key)
+        if not isinstance(values, list):
+            raise self.error(key, f"must be a list, got {type(values).__name__}")
+        if len(values) != len(ids):
+            raise self.error(
+                key, f"has {len(values)} items but {ids_key!r} has {len(ids)} (parallel lists)"
+            )
+        for i, v in enumerate(values):
+            if not isinstance(v, bytes):
+                raise self.error(key, f"item {i} must be bytes, got {type(v).__name__}")
+            if size is not None and len(v) != size:
+                raise self.error(key, f"item {i} must be {size} bytes, got {len(v)}")
+        return values
+
+    def x25519(self, key: str, expected_public: bytes, bundle_field: str):
+        """A raw X25519 private key whose public half is the one signed in 'bundle'."""
+        private = load_private(self.raw(key, _SECRET_BYTES))
+        if public_bytes(private) != expected_public:
+            raise self.error(key, f"does not match the {bundle_field} signed in 'bundle'")
+        return private
+
+
 class SiteSession:
     """One site's side of one round. Call the stages in order; any error aborts the session.
 
@@ -361,6 +472,139 @@ class SiteSession:
         self._mask_private = self._share_private = self._seed = None
         self._held.clear()
         return exc
+
+    # -- persistence
+    def state_dict(self) -> dict[str, StateValue]:
+        """Everything the session holds besides its constructor arguments, as flat values a
+        Flower ``ConfigRecord`` stores (ints, bytes, lists of those), for :meth:`load_state_dict`.
+
+        Keys, by stage (``stage`` is the int value: 0 keys, 1 shares, 2 masked, 3 unmask,
+        4 done, 5 aborted): ``mask-private``, ``share-private`` (raw X25519, 32 B) and
+        ``bundle`` (:meth:`SignedKeys.to_bytes`) from stage 1; ``seed`` (32 B) in stage 2;
+        ``peer-ids`` with the parallel ``peer-bundles`` (the verified neighbours' bundles) and,
+        in stage 2, ``share-keys`` (32 B each); ``held-ids`` with the parallel
+        ``held-payloads`` (:meth:`SharePayload.encode`, the shares this site holds) in stages
+        2 and 3. Node-keyed lists are sorted by node id. A session not yet set up, done or
+        aborted holds nothing to restore and gives only ``stage``.
+
+        The result contains the site's secrets (see the module docstring): keep it on the site.
+        """
+        stage = self._stage
+        state: dict[str, StateValue] = {"stage": int(stage)}
+        if stage in (_Stage.KEYS, _Stage.DONE, _Stage.ABORTED):
+            return state
+        state["bundle"] = self._bundle.to_bytes()
+        if stage in (_Stage.SHARES, _Stage.MASKED):
+            state["mask-private"] = private_bytes(self._mask_private)
+            state["share-private"] = private_bytes(self._share_private)
+        if stage is _Stage.SHARES:
+            return state
+        peers = sorted(self._peer_bundles)
+        held = sorted(self._held)
+        state["peer-ids"] = peers
+        state["peer-bundles"] = [self._peer_bundles[n].to_bytes() for n in peers]
+        state["held-ids"] = held
+        state["held-payloads"] = [self._held[n].encode() for n in held]
+        if stage is _Stage.MASKED:
+            state["seed"] = self._seed
+            state["share-keys"] = [self._share_keys[n] for n in peers]
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore a :meth:`state_dict` into this freshly constructed session (same node,
+        identity key, roster and config), so the next stage method runs as if the session had
+        never been serialised.
+
+        Strict: :class:`ProtocolError` naming the key on a missing, unexpected or wrongly typed
+        key, a wrong size, a stage out of range, unsorted or duplicate node ids, or contents that
+        do not fit this session (a bundle not signed by this site for this run and round, private
+        keys that do not match it, peer bundles that do not verify against the roster or are not
+        neighbours, held shares not addressed to this site). Everything is checked before
+        anything is assigned: on error the session is left untouched (still fresh). Loading
+        into a session that has already started is refused.
+        """
+        me = self.node_id
+        if self._stage is not _Stage.KEYS or self._bundle is not None:
+            raise ProtocolError(
+                f"node {me}: load_state_dict() needs a fresh session, this one is in stage "
+                f"{self._stage.name}",
+                me,
+            )
+        if not isinstance(state, Mapping):
+            raise ProtocolError(
+                f"node {me}: session state must be a mapping, got {type(state).__name__}", me
+            )
+        r = _StateReader(state, me)
+        stage = r.stage()
+        expected = _STATE_KEYS[stage]
+        if missing := sorted(expected - set(state)):
+            raise r.error(missing[0], f"missing in stage {stage.name} (all missing: {missing})")
+        if extra := sorted(map(str, set(state) - expected)):
+            raise r.error(extra[0], f"unexpected in stage {stage.name} (all unexpected: {extra})")
+        if stage in (_Stage.KEYS, _Stage.DONE, _Stage.ABORTED):
+            self._stage = stage
+            return
+        cfg = self.config
+        try:
+            bundle = SignedKeys.from_bytes(r.raw("bundle"))
+            verify_keys(bundle, self._roster, cfg.run_id, cfg.server_round, expected_node_id=me)
+        except KeyAuthenticationError as exc:
+            raise r.error("bundle", f"not this site's keys for this round: {exc}") from None
+        mask_private = share_private = seed = None
+        if stage in (_Stage.SHARES, _Stage.MASKED):
+            mask_private = r.x25519("mask-private", bundle.mask_public, "mask public key")
+            share_private = r.x25519("share-private", bundle.share_public, "share public key")
+        peer_bundles: dict[int, SignedKeys] = {}
+        share_keys: dict[int, bytes] = {}
+        held: dict[int, SharePayload] = {}
+        if stage in (_Stage.MASKED, _Stage.UNMASK):
+            peers = r.ids("peer-ids")
+            if outside := set(peers) - cfg.peers(me):
+                raise r.error("peer-ids", f"names non-neighbours {sorted(outside)}")
+            if len(peers) + 1 < cfg.threshold:
+                raise r.error(
+                    "peer-ids",
+                    f"only {len(peers) + 1} live neighbours (self included), threshold is "
+                    f"{cfg.threshold}",
+                )
+            try:
+                for n, blob in zip(peers, r.blobs("peer-bundles", "peer-ids", peers), strict=True):
+                    peer_bundles[n] = SignedKeys.from_bytes(blob)
+                verify_peer_keys(peer_bundles, self._roster, cfg.run_id, cfg.server_round)
+            except KeyAuthenticationError as exc:
+                raise r.error("peer-bundles", str(exc)) from None
+            held_ids = r.ids("held-ids")
+            if me not in held_ids:
+                raise r.error("held-ids", "does not include this site's own shares")
+            if stage is _Stage.MASKED and held_ids != [me]:
+                raise r.error("held-ids", "before masking this site holds only its own shares")
+            if unknown := set(held_ids) - set(peers) - {me}:
+                raise r.error("held-ids", f"names nodes not in 'peer-ids': {sorted(unknown)}")
+            payloads = r.blobs("held-payloads", "held-ids", held_ids)
+            for i, (n, blob) in enumerate(zip(held_ids, payloads, strict=True)):
+                try:
+                    payload = SharePayload.decode(blob)
+                except ValueError as exc:
+                    raise r.error("held-payloads", f"item {i}: {exc}") from None
+                if (payload.sender, payload.receiver) != (n, me):
+                    raise r.error(
+                        "held-payloads",
+                        f"item {i} holds shares from node {payload.sender} to node "
+                        f"{payload.receiver}, expected from node {n} to node {me}",
+                    )
+                held[n] = payload
+        if stage is _Stage.MASKED:
+            seed = r.raw("seed", _SECRET_BYTES)
+            keys = r.blobs("share-keys", "peer-ids", peers, _SECRET_BYTES)
+            share_keys = dict(zip(peers, keys, strict=True))
+        self._stage = stage
+        self._bundle = bundle
+        self._mask_private = mask_private
+        self._share_private = share_private
+        self._seed = seed
+        self._peer_bundles = peer_bundles
+        self._share_keys = share_keys
+        self._held = held
 
     # -- stage 0
     def setup(self) -> SignedKeys:

@@ -1,12 +1,19 @@
 """Wire format: the secure-aggregation messages of :mod:`.protocol` as Flower ``ConfigRecord``s.
 
 Each message becomes one flat :class:`flwr.app.ConfigRecord` whose values are ints, bytes and
-lists of those (what Flower's protobuf serialisation carries, uint64 included):
+lists of those (what Flower's protobuf serialisation carries, uint64 included), plus three
+floats in ``setup``:
 
 ==================  ======================  =================================================
 ``stage``           message                 keys besides ``stage``, ``node-id``, ``run-id``,
                                             ``server-round``
 ==================  ======================  =================================================
+``setup``           :class:`ProtocolConfig` *no* ``node-id`` (it is the round's, not a
+                                            site's); ``threshold``, ``dimension``, ``nodes``,
+                                            ``num-sites``, ``max-weight``, ``clip``,
+                                            ``scale``, ``modulus-bits`` (the
+                                            :class:`QuantParams`; the three in between are
+                                            floats), ``edges-low`` + ``edges-high``
 ``keys``            :class:`SignedKeys`     ``mask-public``, ``share-public``, ``signature``
 ``key-broadcast``   :class:`KeyBroadcast`   ``peer-ids`` + ``mask-publics``,
                                             ``share-publics``, ``signatures`` (parallel)
@@ -18,7 +25,10 @@ lists of those (what Flower's protobuf serialisation carries, uint64 included):
                                             ``key-ids``/``key-indices``/``key-values``
 ==================  ======================  =================================================
 
-Node-keyed maps travel as parallel lists sorted by node id. The masked vector travels as one
+Node-keyed maps travel as parallel lists sorted by node id. The ``setup`` neighbour graph
+travels as its undirected edges, ``edges-low[i] < edges-high[i]``, sorted; no edges means the
+complete graph (``neighbours=None``), which is unambiguous because in a valid graph every node
+has at least ``threshold - 1 >= 1`` neighbours. The masked vector travels as one
 ``bytes`` value: little-endian ``uint32`` per coordinate when ``modulus_bits <= 32`` (the same
 size as the float32 update), ``uint64`` otherwise.
 
@@ -26,7 +36,9 @@ Decoding is strict: a missing key, an unexpected key, a value of the wrong type 
 id out of the uint64 range, a duplicate id, parallel lists of different lengths, an unknown
 stage or a masked coordinate outside ``Z_{2**k}`` raise :class:`WireError`, which names the
 stage and the key. Decoding checks form only; whether run, round, sender and contents fit the
-round is for :mod:`.protocol` to judge.
+round is for :mod:`.protocol` to judge. The exception is ``setup``: it decodes into a
+:class:`ProtocolConfig`, whose own validation (threshold, graph, overflow capacity) then
+applies; its failures are :class:`WireError` naming the stage too.
 """
 
 from __future__ import annotations
@@ -39,19 +51,23 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from medfed.common.secagg.identity import SignedKeys
+from medfed.common.secagg.masks import MAX_MODULUS_BITS as _RING_MAX_BITS
 from medfed.common.secagg.protocol import (
     MaskedInput,
+    ProtocolConfig,
     RoutedShares,
     SharesMessage,
     UnmaskRequest,
     UnmaskShares,
 )
+from medfed.common.secagg.quantize import QuantParams
 from medfed.common.secagg.shares import MAX_SHARES, SECRET_BYTES, Share
 
 #: Key of the ConfigRecord inside a message's RecordDict.
 RECORD_KEY = "medfed-secagg"
 STAGE_KEY = "stage"
 
+STAGE_SETUP = "setup"
 STAGE_KEYS = "keys"
 STAGE_KEY_BROADCAST = "key-broadcast"
 STAGE_SHARES = "shares"
@@ -63,6 +79,7 @@ STAGE_UNMASK_SHARES = "unmask-shares"
 PUBLIC_KEY_BYTES = 32  # X25519
 SIGNATURE_BYTES = 64  # Ed25519
 MAX_MODULUS_BITS = 64
+_MAX_LENGTH = 2**40  # largest masked-vector length (dimension + 1) accepted
 
 _U64 = 2**64
 
@@ -96,7 +113,8 @@ class KeyBroadcast:
 
 
 SecAggMessage = (
-    SignedKeys
+    ProtocolConfig
+    | SignedKeys
     | KeyBroadcast
     | SharesMessage
     | RoutedShares
@@ -192,6 +210,12 @@ class _Reader:
             raise self._error(key, f"must be in {low}..{high}, got {value}")
         return value
 
+    def real(self, key: str) -> float:
+        value = self._get(key)
+        if not isinstance(value, float):
+            raise self._error(key, f"must be a float, got {type(value).__name__}")
+        return value
+
     def raw_bytes(self, key: str, size: int | None = None) -> bytes:
         value = self._get(key)
         if not isinstance(value, bytes):
@@ -275,6 +299,32 @@ def _ids(stage: str, key: str, mapping: Mapping[int, object]) -> list[int]:
     return [int(n) for n in ids]
 
 
+def _encode_setup(c: ProtocolConfig) -> dict:
+    for key, value in (("run-id", c.run_id), ("server-round", c.server_round)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _U64:
+            raise WireError(STAGE_SETUP, key, f"must be an unsigned 64-bit integer, got {value!r}")
+    nodes = _ids(STAGE_SETUP, "nodes", dict.fromkeys(c.nodes))
+    edges = []
+    if c.neighbours is not None:
+        edges = sorted((a, b) for a in nodes for b in c.peers(a) if a < b)
+    q = c.quant
+    return {
+        STAGE_KEY: STAGE_SETUP,
+        "run-id": int(c.run_id),
+        "server-round": int(c.server_round),
+        "threshold": int(c.threshold),
+        "dimension": int(c.dimension),
+        "nodes": nodes,
+        "num-sites": int(q.num_sites),
+        "max-weight": float(q.max_weight),
+        "clip": float(q.clip),
+        "scale": float(q.scale),
+        "modulus-bits": int(q.modulus_bits),
+        "edges-low": [a for a, _ in edges],
+        "edges-high": [b for _, b in edges],
+    }
+
+
 def _encode_keys(m: SignedKeys) -> dict:
     return _header(STAGE_KEYS, m.node_id, m.run_id, m.server_round) | {
         "mask-public": bytes(m.mask_public),
@@ -343,7 +393,9 @@ def _encode_unmask_shares(m: UnmaskShares) -> dict:
 def encode(message: SecAggMessage, *, modulus_bits: int | None = None) -> ConfigRecord:
     """One protocol message as a ConfigRecord (``modulus_bits`` is required, and only used,
     for a :class:`MaskedInput`). :class:`WireError` if the message cannot be represented."""
-    if isinstance(message, SignedKeys):
+    if isinstance(message, ProtocolConfig):
+        values = _encode_setup(message)
+    elif isinstance(message, SignedKeys):
         values = _encode_keys(message)
     elif isinstance(message, KeyBroadcast):
         values = _encode_key_broadcast(message)
@@ -363,6 +415,49 @@ def encode(message: SecAggMessage, *, modulus_bits: int | None = None) -> Config
 
 
 # --------------------------------------------------------------------------- decoders
+
+
+def _decode_setup(r: _Reader) -> ProtocolConfig:
+    run_id, server_round = r.u64("run-id"), r.u64("server-round")
+    threshold = r.int_in("threshold", 2, MAX_SHARES)
+    dimension = r.int_in("dimension", 1, _MAX_LENGTH - 1)
+    nodes = r.u64_list("nodes")
+    num_sites = r.int_in("num-sites", 1, _U64 - 1)
+    max_weight, clip, scale = r.real("max-weight"), r.real("clip"), r.real("scale")
+    modulus_bits = r.int_in("modulus-bits", 2, _RING_MAX_BITS)
+    low = r.u64_list("edges-low", unique=False)
+    high = r.u64_list("edges-high", unique=False)
+    r.same_length("edges-low", low, **{"edges-high": high})
+    r.done()
+    neighbours: dict[int, list[int]] | None = None
+    if low:
+        members = set(nodes)
+        neighbours = {n: [] for n in nodes}
+        seen = set()
+        for i, (a, b) in enumerate(zip(low, high, strict=True)):
+            if not a < b:
+                raise WireError(r.stage, "edges-high", f"item {i}: {b} is not above {a}")
+            for key, n in (("edges-low", a), ("edges-high", b)):
+                if n not in members:
+                    raise WireError(r.stage, key, f"item {i}: node {n} is not in 'nodes'")
+            if (a, b) in seen:
+                raise WireError(r.stage, "edges-high", f"item {i}: duplicate edge {a}-{b}")
+            seen.add((a, b))
+            neighbours[a].append(b)
+            neighbours[b].append(a)
+    try:
+        quant = QuantParams(num_sites, max_weight, clip, scale, modulus_bits)
+        return ProtocolConfig(
+            run_id,
+            server_round,
+            threshold,
+            dimension,
+            quant,
+            frozenset(nodes),
+            None if neighbours is None else {n: tuple(p) for n, p in neighbours.items()},
+        )
+    except ValueError as exc:  # OverflowRisk included
+        raise WireError(r.stage, None, f"not a valid round configuration: {exc}") from None
 
 
 def _decode_keys(r: _Reader) -> SignedKeys:
@@ -412,7 +507,7 @@ def _decode_masked(r: _Reader, modulus_bits: int | None, length: int | None) -> 
     k = r.int_in("modulus-bits", 1, MAX_MODULUS_BITS)
     if modulus_bits is not None and k != modulus_bits:
         raise WireError(r.stage, "modulus-bits", f"is {k}, expected {modulus_bits}")
-    n = r.int_in("length", 1, 2**40)
+    n = r.int_in("length", 1, _MAX_LENGTH)
     if length is not None and n != length:
         raise WireError(r.stage, "length", f"is {n}, expected {length}")
     data = r.raw_bytes("vector")
@@ -444,6 +539,7 @@ def _decode_unmask_shares(r: _Reader) -> UnmaskShares:
 
 
 STAGES = (
+    STAGE_SETUP,
     STAGE_KEYS,
     STAGE_KEY_BROADCAST,
     STAGE_SHARES,
@@ -485,6 +581,8 @@ def decode(
     if expect is not None and stage != expect:
         raise WireError(stage, STAGE_KEY, f"expected stage {expect!r}")
     r = _Reader(record, stage)
+    if stage == STAGE_SETUP:
+        return _decode_setup(r)
     if stage == STAGE_KEYS:
         return _decode_keys(r)
     if stage == STAGE_KEY_BROADCAST:

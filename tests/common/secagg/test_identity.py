@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from medfed.common.secagg.identity import (
     KEYS_TAG,
+    IdentityError,
     KeyAuthenticationError,
     Roster,
     RosterError,
     SignedKeys,
     generate_identity,
+    load_identity,
     public_key_bytes,
+    save_identity,
     sign_keys,
     simulation_roster,
     verify_keys,
@@ -200,3 +206,98 @@ def test_roster_is_read_only(sim) -> None:
         roster.keys[99] = b"x" * 32  # type: ignore[index]
     with pytest.raises(RosterError, match="not in the roster"):
         Roster(roster.keys, {42: "ghost"})
+
+
+# --- identity key files and roster look-up --------------------------------------------
+
+
+def test_identity_file_round_trip(tmp_path: Path) -> None:
+    key = generate_identity()
+    path = tmp_path / "keys" / "identity.pem"  # the folder is created
+    save_identity(path, key)
+    text = path.read_text()
+    assert text.startswith("-----BEGIN PRIVATE KEY-----\n")  # PKCS8, unencrypted
+    loaded = load_identity(path)
+    assert public_key_bytes(loaded) == public_key_bytes(key)
+    assert loaded.private_bytes_raw() == key.private_bytes_raw()
+    assert list(path.parent.iterdir()) == [path]  # no temp files left
+
+
+def test_identity_file_is_private(tmp_path: Path) -> None:
+    path = tmp_path / "identity.pem"
+    old_umask = os.umask(0o022)  # the usual umask, which leaves new files world-readable
+    try:
+        save_identity(path, generate_identity())
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        path.chmod(0o644)  # overwriting a world-readable file replaces it by a private one
+        key = generate_identity()
+        save_identity(path, key)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert public_key_bytes(load_identity(path)) == public_key_bytes(key)
+
+
+def test_save_identity_refuses_other_keys(tmp_path: Path) -> None:
+    with pytest.raises(IdentityError, match="only save an Ed25519"):
+        save_identity(tmp_path / "x.pem", X25519PrivateKey.generate())  # type: ignore[arg-type]
+    assert not (tmp_path / "x.pem").exists()
+
+
+def _pem(key, encryption=None) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        encryption or serialization.NoEncryption(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (None, "does not exist"),
+        ("folder", "cannot read identity key file"),
+        (b"", "is not PEM"),
+        (b"\x30\x2e\x02\x01\x00", "is not PEM"),  # DER, not PEM
+        (
+            b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n",
+            "does not hold a readable PEM private key",
+        ),
+        (
+            generate_identity()
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+            "does not hold a readable PEM private key",
+        ),
+        (_pem(X25519PrivateKey.generate()), "holds a X25519PrivateKey, not an Ed25519 key"),
+        (
+            _pem(generate_identity(), serialization.BestAvailableEncryption(b"pass phrase")),
+            "is encrypted",
+        ),
+    ],
+    ids=["missing", "folder", "empty", "der", "bad-base64", "public-key", "x25519", "encrypted"],
+)
+def test_load_identity_errors_name_the_path(tmp_path: Path, content, match: str) -> None:
+    path = tmp_path / "identity.pem"
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(IdentityError, match=match) as info:
+        load_identity(path)
+    assert str(path) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_roster_node_of(sim) -> None:
+    roster, private = sim
+    for node, key in private.items():
+        assert roster.node_of(public_key_bytes(key)) == node
+    stranger = public_key_bytes(generate_identity())
+    with pytest.raises(RosterError, match=f"{stranger[:8].hex()}.*not enrolled") as info:
+        roster.node_of(stranger)
+    assert stranger.hex() not in str(info.value)
+    with pytest.raises(RosterError, match="not enrolled"):
+        roster.node_of(b"")

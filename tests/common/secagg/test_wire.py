@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -299,3 +300,122 @@ def test_full_round_through_flower_messages_with_a_dropout():
     assert result.survivors == frozenset(survivors) and result.dropped == {33}
     np.testing.assert_allclose(result.average, expected, atol=1e-3)
     assert result.total_weight == pytest.approx(total)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+SETUP_NODES = (11, 22, 33, BIG)
+
+
+def setups():
+    """Round configurations: complete graph, a ring, and a ring at a 48-bit modulus."""
+    nodes = frozenset(SETUP_NODES)
+    ring = {n: (SETUP_NODES[i - 1], SETUP_NODES[(i + 1) % 4]) for i, n in enumerate(SETUP_NODES)}
+    return [
+        P.ProtocolConfig(RUN, ROUND, 3, 101, QuantParams.auto(4, 1000.0, 1.0), nodes),
+        P.ProtocolConfig(BIG, 0, 2, 7, QuantParams.auto(6, 12.5, 0.25), nodes, ring),
+        P.ProtocolConfig(0, BIG, 3, 1, QuantParams(4, 3.0, 2.0, 1024.0, 48), nodes, ring),
+    ]
+
+
+@pytest.mark.parametrize("copier", COPIES.values(), ids=COPIES.keys())
+@pytest.mark.parametrize("case", range(len(setups())), ids=["complete", "ring", "ring-48"])
+def test_setup_round_trip(case, copier):
+    config = setups()[case]
+    record = W.encode(config)
+    assert record[W.STAGE_KEY] == W.STAGE_SETUP and "node-id" not in record
+    for key in ("max-weight", "clip", "scale"):
+        assert type(record[key]) is float
+    back = W.decode(copier(record), expect=W.STAGE_SETUP)
+    assert isinstance(back, P.ProtocolConfig)
+    assert back == config
+    assert back.quant == config.quant and back.neighbours == config.neighbours
+    for n in SETUP_NODES:
+        assert back.peers(n) == config.peers(n)
+
+
+def test_setup_graph_encoding():
+    complete, ring, _ = setups()
+    record = W.encode(complete)
+    assert record["edges-low"] == [] and record["edges-high"] == []
+    assert W.decode(record).neighbours is None
+    record = W.encode(ring)
+    assert record["nodes"] == sorted(SETUP_NODES)
+    assert list(zip(record["edges-low"], record["edges-high"], strict=True)) == [
+        (11, 22), (11, BIG), (22, 33), (33, BIG),
+    ]  # fmt: skip
+    content = W.to_recorddict(ring)
+    assert W.from_recorddict(content, expect=W.STAGE_SETUP) == ring
+
+
+def test_setup_works_for_sessions():
+    """A site and the server built from the decoded setup run a round together."""
+    config = W.decode(via_flower(W.encode(setups()[1])))
+    roster, identities = simulation_roster(SETUP_NODES)
+    sites = {n: P.SiteSession(n, identities[n], roster, config) for n in SETUP_NODES}
+    server = P.ServerSession(config, roster)
+    for n in SETUP_NODES:
+        server.receive_keys(sites[n].setup())
+    for n, bundles in server.key_broadcast().items():
+        assert set(bundles) == config.neighbourhood(n)
+
+
+def setup_base():
+    return dict(W.encode(setups()[1]))
+
+
+SETUP_MALFORMED = [
+    # (change, key named (None: the config's own validation), message pattern)
+    (drop("run-id"), "run-id", "missing"),
+    (put("run-id", 2**64), "run-id", "unsigned 64-bit"),
+    (drop("server-round"), "server-round", "missing"),
+    (put("node-id", 11), "node-id", "unexpected key"),
+    (drop("threshold"), "threshold", "missing"),
+    (put("threshold", 1), "threshold", "must be in 2..65535"),
+    (put("threshold", 2.0), "threshold", "must be an int"),
+    (put("threshold", 4), None, "threshold must satisfy 2 <= t <= 3"),  # ring: 2 peers
+    (put("dimension", 0), "dimension", "must be in 1.."),
+    (put("nodes", [11, 22, 11]), "nodes", "duplicate"),
+    (put("nodes", 11), "nodes", "must be a list"),
+    (put("num-sites", 3), None, "num_sites=3 < 4 sites"),
+    (put("num-sites", True), "num-sites", "must be an int"),
+    (put("max-weight", 12), "max-weight", "must be a float, got int"),
+    (put("clip", "0.25"), "clip", "must be a float, got str"),
+    (drop("scale"), "scale", "missing"),
+    (put("clip", -1.0), None, "clip must be a positive finite"),
+    (put("max-weight", float("nan")), None, "max_weight must be a positive finite"),
+    (edit("scale", lambda v: v * 4), None, "may wrap"),  # OverflowRisk
+    (put("modulus-bits", 63), "modulus-bits", "must be in 2..62"),
+    (put("modulus-bits", 16), None, "may wrap"),
+    (edit("edges-low", lambda v: v[:-1]), "edges-high", "parallel"),
+    (lambda r: r | {"edges-low": [11], "edges-high": [22]}, None, "2 <= t <= 1"),  # 33 alone
+    (put("edges-high", [22, 11, 33, BIG]), "edges-high", "item 1: 11 is not above 11"),
+    (put("edges-high", [22, 99, 33, BIG]), "edges-high", "item 1: node 99 is not in 'nodes'"),
+    (put("edges-low", [7, 11, 22, 33]), "edges-low", "item 0: node 7 is not in 'nodes'"),
+    (put("edges-high", [22, 22, 33, BIG]), "edges-high", "item 1: duplicate edge 11-22"),
+    (put("edges-low", [11, 11, 22, -1]), "edges-low", "item 3 .*unsigned 64-bit"),
+    (put("extra", 1.0), "extra", "unexpected key"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "pattern"),
+    SETUP_MALFORMED,
+    ids=[f"setup-{k}-{i}" for i, (_, k, _) in enumerate(SETUP_MALFORMED)],
+)
+def test_malformed_setup_rejected(change, key, pattern):
+    record = ConfigRecord(change(setup_base()))
+    with pytest.raises(W.WireError, match=pattern) as info:
+        W.decode(record)
+    assert info.value.stage == W.STAGE_SETUP and "stage 'setup'" in str(info.value)
+    assert info.value.key == key
+    if key is not None:
+        assert f"key {key!r}" in str(info.value)
+
+
+def test_setup_of_a_config_with_an_unrepresentable_id():
+    config = dataclasses.replace(setups()[0])
+    object.__setattr__(config, "run_id", -1)  # bypasses the config's own check
+    with pytest.raises(W.WireError, match=r"'setup', key 'run-id'.*unsigned 64-bit"):
+        W.encode(config)
