@@ -20,7 +20,7 @@ must allow):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Context
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
@@ -164,8 +164,14 @@ class SecureAggregationGate:
         return call_next(msg, ctxt)
 
 
-def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp whose run settings default to ``defaults`` (Flower run-config keys)."""
+def build_client_app(
+    defaults: Mapping[str, Any] | None = None, outer_mods: Sequence[Mod] = ()
+) -> ClientApp:
+    """A ClientApp whose run settings default to ``defaults`` (Flower run-config keys).
+
+    ``outer_mods`` run before the secure-aggregation gate (for logging, or to inject
+    faults in tests).
+    """
     base = dict(defaults or {})
 
     def client_fn(context: Context):
@@ -176,7 +182,7 @@ def build_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
             site, settings, str(context.run_id), lambda: site_identity(context, settings)
         ).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[SecureAggregationGate(base)])
+    return ClientApp(client_fn=client_fn, mods=[*outer_mods, SecureAggregationGate(base)])
 
 
 app = build_client_app()

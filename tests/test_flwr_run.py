@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from medfed.client.policy import SitePolicy, write_policy
+from medfed.simulations.identities import write_simulation_identities
 from medfed.simulations.synthetic import generate_risk_sites
 
 pytestmark = pytest.mark.slow
@@ -38,8 +39,10 @@ def flwr_home(tmp_path):
 def test_flwr_run_uses_the_declared_apps(tmp_path, flwr_home):
     flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
     data, out = tmp_path / "sites", tmp_path / "out"
-    for i, d in enumerate(generate_risk_sites(3, data, seed=5, size_scale=0.3)):
+    site_dirs = generate_risk_sites(3, data, seed=5, size_scale=0.3)
+    for i, d in enumerate(site_dirs):
         write_policy(d / "site.toml", SitePolicy(site_id=f"s{i}"))
+    write_simulation_identities(site_dirs, data / "roster.json")  # medfed secure aggregation
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -58,5 +61,7 @@ def test_flwr_run_uses_the_declared_apps(tmp_path, flwr_home):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "completed"
+    assert record["secure_aggregation"]["protocol"] == "medfed"
+    assert record["rounds"][0]["status"] == "aggregated"
     assert record["rounds"][0]["participants"] == ["s0", "s1", "s2"]
     assert (out / "checkpoints" / "round-0001.npz").is_file()
