@@ -288,6 +288,42 @@ def synth_risk(
             )
         rows = sum(1 for _ in (site_dir / "clinical.csv").open()) - 1
         console.print(f"{site_dir}: {rows} patients")
+    _write_identities(site_dirs, out)
+
+
+def _write_identities(site_dirs: list[Path], root: Path) -> None:
+    from medfed.common.config import SIM_ROSTER_NAME
+    from medfed.simulations.identities import write_simulation_identities
+
+    try:
+        roster = write_simulation_identities(site_dirs, root / SIM_ROSTER_NAME)
+    except (ValueError, OSError) as exc:
+        fail(f"cannot write secure-aggregation identities: {exc}")
+    console.print(
+        f"{root / SIM_ROSTER_NAME}: roster of {len(roster.keys)} fresh site identities "
+        "(each site's key in its folder)"
+    )
+
+
+@synth_app.command("identities")
+def synth_identities(
+    data_dir: Path = typer.Option(
+        ..., "--data-dir", help="Folder holding the site folders site-0, site-1, ..."
+    ),
+) -> None:
+    """Write fresh secure-aggregation identities for simulated sites (for `flwr run .`).
+
+    Each site-<i> folder gets a new Ed25519 key (site-identity.pem, mode 0600) and
+    DATA_DIR/roster.json lists their public keys. `medfed simulate` does this itself
+    before every run; in a deployment the consortium issues identities instead.
+    """
+    site_dirs = sorted(
+        (d for d in data_dir.glob("site-*") if d.is_dir() and d.name[5:].isdigit()),
+        key=lambda d: int(d.name[5:]),
+    )
+    if [int(d.name[5:]) for d in site_dirs] != list(range(len(site_dirs))) or not site_dirs:
+        fail(f"{data_dir}: expected site folders site-0, site-1, ... without gaps")
+    _write_identities(site_dirs, data_dir)
 
 
 def _synth_imaging(
@@ -317,6 +353,7 @@ def _synth_imaging(
         files = sum(1 for _ in (site_dir / "dicom").rglob("*.dcm"))
         patients_n = sum(1 for _ in (site_dir / "labels.csv").open()) - 1
         console.print(f"{site_dir}: {patients_n} patients, {files} DICOM files")
+    _write_identities(site_dirs, out)
 
 
 @synth_app.command("xray")

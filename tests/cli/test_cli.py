@@ -76,3 +76,35 @@ def test_synth_imaging_writes_dicom_sites(tmp_path, modality):
     for i in (0, 1):
         assert (tmp_path / f"site-{i}" / "labels.csv").is_file()
         assert any((tmp_path / f"site-{i}" / "dicom").rglob("*.dcm"))
+
+
+def test_synth_identities_gives_each_site_a_key_in_the_roster(tmp_path):
+    from medfed.client.site_identity import load_site_identity
+    from medfed.common.secagg.identity import Roster
+
+    args = ["synth", "risk", "--sites", "3", "--size-scale", "0.1", "--out", str(tmp_path)]
+    assert runner.invoke(app, args).exit_code == 0
+    first = Roster.load(tmp_path / "roster.json")
+    result = runner.invoke(app, ["synth", "identities", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    roster = Roster.load(tmp_path / "roster.json")
+    assert set(roster.keys) == {0, 1, 2}
+    assert set(roster.keys.values()).isdisjoint(first.keys.values())  # fresh keys
+    for i in range(3):
+        identity = load_site_identity(
+            tmp_path / f"site-{i}" / "site-identity.pem", tmp_path / "roster.json"
+        )
+        assert identity.node_id == i
+        assert identity.name == f"site 'hospital-{chr(97 + i)}' (node {i})"
+
+
+def test_synth_identities_needs_site_folders(tmp_path):
+    result = runner.invoke(app, ["synth", "identities", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "site-0" in result.output
+
+
+def test_simulate_rejects_an_unknown_secure_agg_mode(tmp_path):
+    result = runner.invoke(app, ["simulate", "--secure-agg", "none", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "medfed" in result.output
