@@ -145,6 +145,7 @@ class MedfedSecAggMod:
     ) -> Message:
         routed = wire.from_recorddict(msg.content, expect=wire.STAGE_ROUTED_SHARES)
         _check_addressed(routed, session, config, "routed shares")  # before spending budget
+        session.expect("masked_input")
         global_model = parameters_to_ndarrays(
             compat.recorddict_to_fitins(msg.content, keep_input=True).parameters
         )
@@ -153,6 +154,15 @@ class MedfedSecAggMod:
             raise SecAggFailure(f"training failed: {out.error.reason}")
         fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
         update = flat_update(parameters_to_ndarrays(fitres.parameters), global_model)
+        clipped = int(np.count_nonzero(np.abs(update) > config.quant.clip))
+        if clipped:  # logged at the site only: the count says something about the update
+            LOG.warning(
+                "%s: %d of %d update values exceed the run's secagg-clip %g and are clipped",
+                session.node_id,
+                clipped,
+                update.size,
+                config.quant.clip,
+            )
         masked = session.masked_input(update, float(fitres.num_examples), routed)
         self._save(ctxt, session)
         content: RecordDict = out.content

@@ -68,7 +68,13 @@ def load_site_identity(key_path: Path, roster_path: Path) -> SiteIdentity:
     try:
         private_key = load_identity(key_path)
         roster = Roster.load(roster_path)
-        node_id = roster.node_of(public_key_bytes(private_key))
     except (OSError, ValueError) as exc:
         raise IdentityConfigError(f"secure-aggregation identity: {exc}") from None
+    try:
+        node_id = roster.node_of(public_key_bytes(private_key))
+    except ValueError as exc:
+        raise IdentityConfigError(
+            f"secure-aggregation identity: the key in {key_path} is not in the roster "
+            f"{roster_path} ({exc})"
+        ) from None
     return SiteIdentity(node_id, private_key, roster)

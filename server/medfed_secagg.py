@@ -101,6 +101,23 @@ class SecAggRound:
         }
 
 
+def _fit_result(content: RecordDict) -> tuple[FitRes, int]:
+    """The metric-only fit result riding with a masked vector, and the reply's size."""
+    try:
+        fit_result = compat.recorddict_to_fitres(content, keep_input=True)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"masked reply without a well-formed fit result ({exc!r})") from None
+    return fit_result, message_bytes(content)
+
+
+def _declared_weight(reply: Mapping[str, Any]) -> int:
+    """The training-set size a site declared when it accepted the round."""
+    value = reply.get("train-records", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"declared train-records {value!r} is not a non-negative integer")
+    return value
+
+
 class MedfedSecAggWorkflow:
     """Runs one round of medfed secure aggregation and updates the global model.
 
@@ -180,13 +197,19 @@ class _RoundRun:
             )
         )
         self.fit_results: dict[int, FitRes] = {}
-        self._pending: dict[int, Any] = {}
+        self._pending: dict[int, tuple[FitRes, int]] = {}
 
     # -- setup ------------------------------------------------------------------------
     def start(self, accepted: Mapping[int, Mapping[str, Any]]) -> None:
         roster = self.workflow.roster
+        weights = []
         for nid, reply in sorted(accepted.items()):
             claimed = reply.get(SECAGG_ID_KEY)
+            try:
+                weight = _declared_weight(reply)
+            except ValueError as exc:
+                self.outcome.site_errors[nid] = str(exc)
+                continue
             if not isinstance(claimed, int) or claimed not in roster.keys:
                 self.outcome.site_errors[nid] = f"roster id {claimed!r} is not in the roster"
             elif claimed in self.flower_of:
@@ -195,10 +218,10 @@ class _RoundRun:
                 )
             else:
                 self.flower_of[claimed], self.roster_of[nid] = nid, claimed
+                weights.append(weight)
         n = len(self.flower_of)
         if n < 2:
             raise RoundAborted(f"only {n} site(s) with a valid roster id; at least 2 needed")
-        weights = [int(accepted[nid].get("train-records", 1)) for nid in self.roster_of]
         quant = QuantParams.auto(
             n, float(max(1, *weights)), self.workflow.clip, self.workflow.modulus_bits
         )
@@ -265,7 +288,7 @@ class _RoundRun:
                     f"{self.roster_of[nid]}"
                 )
             if expect == wire.STAGE_MASKED:
-                self._pending[nid] = reply.content
+                self._pending[nid] = _fit_result(reply.content)
             receive(message)
         except (ProtocolError, ValueError) as exc:
             self.outcome.site_errors[nid] = f"rejected: {exc}"
@@ -293,10 +316,10 @@ class _RoundRun:
 
     def receive_masked(self, message: Any) -> None:
         nid = self.flower_of[message.node_id]
-        content = self._pending.pop(nid)
+        fit_result, size = self._pending.pop(nid)
         self.server.receive_masked(message)
-        self.fit_results[nid] = compat.recorddict_to_fitres(content, keep_input=True)
-        self.outcome.masked_bytes[nid] = message_bytes(content)
+        self.fit_results[nid] = fit_result
+        self.outcome.masked_bytes[nid] = size
 
     def unmask_messages(self) -> dict[int, RecordDict]:
         return {rid: wire.to_recorddict(r) for rid, r in self.server.unmask_requests().items()}

@@ -238,6 +238,7 @@ class MedfedWorkflow:
             threshold=self.settings.secagg_threshold,
             clip=self.settings.secagg_clip,
             timeout=self.settings.secagg_timeout,
+            train_timeout=self.settings.train_timeout,
         )(grid, context, server_round, accepted)
         context.strategy.note_fit([res for _, res in outcome.fit_results])  # type: ignore[attr-defined]
         rnd.secure_aggregation = outcome.summary(self._name)
@@ -257,6 +258,7 @@ class MedfedWorkflow:
             MessageType.TRAIN,
             lambda ins: compat.fitins_to_recorddict(ins, True),
             lambda content: compat.recorddict_to_fitres(content, True),
+            self.settings.train_timeout,
         )
         if not results:
             return
@@ -274,6 +276,7 @@ class MedfedWorkflow:
         message_type: str,
         encode: Callable[[Any], Any],
         decode: Callable[[Any], Any],
+        timeout: float,
     ) -> list[tuple[Any, Any]]:
         """Send legacy instructions, return (proxy, result) for the sites that answered OK."""
         proxies = {proxy.node_id: proxy for proxy, _ in instructions}
@@ -287,7 +290,7 @@ class MedfedWorkflow:
             for proxy, ins in instructions
         ]
         results = []
-        for msg in grid.send_and_receive(messages, timeout=self.settings.secagg_timeout):
+        for msg in grid.send_and_receive(messages, timeout=timeout):
             if msg.has_content():
                 res = decode(msg.content)
                 if res.status.code == Code.OK:
@@ -328,6 +331,7 @@ class MedfedWorkflow:
             MessageType.EVALUATE,
             lambda ins: compat.evaluateins_to_recorddict(ins, True),
             compat.recorddict_to_evaluateres,
+            self.settings.secagg_timeout,
         )
         loss, metrics = strategy.aggregate_evaluate(server_round, results, [])
         return loss, metrics, strategy.eval_reports
@@ -380,6 +384,7 @@ class MedfedWorkflow:
             return {
                 "protocol": "medfed",
                 **common,
+                "train_timeout_seconds": self.settings.train_timeout,
                 "clip": self.settings.secagg_clip,
                 "modulus_bits": DEFAULT_MODULUS_BITS,
                 "note": "SecAgg+ stages over every selected site; X25519 key agreement "

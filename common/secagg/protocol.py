@@ -461,6 +461,17 @@ class SiteSession:
         self._held: dict[int, SharePayload] = {}  # node -> shares of its secrets that we hold
 
     # -- helpers
+    def expect(self, name: str) -> None:
+        """Raise :class:`ProtocolError` unless ``name`` (``"share_keys"``, ...) is the stage
+        method to call next; lets a transport refuse a message before costly work."""
+        stage = {
+            "setup": _Stage.KEYS,
+            "share_keys": _Stage.SHARES,
+            "masked_input": _Stage.MASKED,
+            "unmask": _Stage.UNMASK,
+        }[name]
+        self._enter(stage, name)
+
     def _enter(self, stage: _Stage, name: str) -> None:
         if self._stage is not stage:
             raise ProtocolError(

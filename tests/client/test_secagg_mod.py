@@ -493,23 +493,14 @@ def test_routed_shares_before_key_broadcast_is_refused_and_wipes_the_session(fed
     assert site.session_wiped()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MedfedSecAggMod._masked calls call_next (trains, spending the round's privacy "
-    "budget) before the session's stage is checked: a routed-shares message that arrives "
-    "out of order (before key broadcast) or is replayed after masking passes "
-    "_check_addressed (same run/round/node) and reaches training; only then does "
-    "SiteSession.masked_input refuse it",
-)
 @pytest.mark.parametrize("when", ["before key broadcast", "replayed after masking"])
 def test_out_of_order_routed_shares_never_reach_training(fed, when):
     coord = Coordinator(fed)
     site = fed.sites[1]
+    coord.setup()
     if when == "before key broadcast":
-        coord.setup()
         content = coord.train_content(RoutedShares(1, RUN, 1, {2: b"x" * 97, 3: b"y" * 97}))
     else:
-        coord.setup()
         coord.broadcast()
         routed = coord.server.route_shares()
         content = coord.train_content(routed[1])
@@ -747,13 +738,6 @@ def test_key_not_in_the_roster_is_an_identity_error(fed, tmp_path):
         load_site_identity(fed.key_paths[1], other_roster(tmp_path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_site_identity: when the key is not enrolled, Roster.node_of's RosterError "
-    "is re-raised as 'secure-aggregation identity: public key ... is not enrolled in the "
-    "roster', which names neither the roster file nor the identity key file (unlike the "
-    "missing-file errors), so a site operator cannot tell which files disagree",
-)
 def test_key_not_in_the_roster_error_names_the_files(fed, tmp_path):
     roster_path = other_roster(tmp_path)
     with pytest.raises(IdentityConfigError) as info:

@@ -456,6 +456,16 @@ def test_unknown_and_duplicate_roster_claims_are_site_errors(fed):
     check_new_model(fed, before, [FLOWER[1], FLOWER[2]])
 
 
+def test_a_malformed_declared_weight_is_a_site_error_not_a_crash(fed):
+    accepted = fed.accepted()
+    accepted[FLOWER[4]]["train-records"] = "many"
+    workflow = MedfedSecAggWorkflow(fed.roster, 0.66, CLIP, TIMEOUT)
+    outcome = workflow(fed.grid, fed.context, 1, accepted)
+    assert "train-records 'many'" in outcome.site_errors[FLOWER[4]]
+    assert outcome.status == "aggregated"
+    assert FLOWER[4] not in outcome.survivors
+
+
 def test_sites_answering_as_another_roster_id_are_rejected(fed):
     """Sites 1 and 4 claim each other's roster id: their signed keys name their own, so the
     coordinator rejects both replies and the round goes on without them."""
@@ -497,16 +507,6 @@ def strip_fitres(reply: Message) -> None:
         del reply.content[key]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="_RoundRun.receive_masked parses the reply's FitRes (compat.recorddict_to_fitres) "
-    "after ServerSession.receive_masked has already accepted the masked vector, and a "
-    "missing 'fitres.*' record raises KeyError, which _receive does not catch (only "
-    "ProtocolError and ValueError): one site's malformed masked reply escapes "
-    "MedfedSecAggWorkflow.__call__ and ends the coordinator's whole run instead of "
-    "rejecting that site",
-)
 def test_a_masked_reply_without_fit_results_is_rejected_not_fatal(fed):
     odd = FLOWER[3]
     fed.grid.tamper[TRAIN, odd] = strip_fitres
