@@ -71,6 +71,10 @@ class RunSettings(BaseModel):
         or plain FedAvg of unmasked updates. Each site's policy says which it accepts.
     secagg_timeout : float
         Seconds each secure-aggregation stage (and evaluation) waits for replies.
+    train_timeout : float
+        Seconds the coordinator waits for sites to train and return their (masked)
+        update, under medfed secure aggregation or none (Flower's SecAgg+ uses
+        ``secagg_timeout`` for every stage).
     ask_timeout : float
         Seconds the coordinator waits for sites to answer "will you train this round?";
         longer, because a site's first message also starts its ClientApp.
@@ -111,6 +115,7 @@ class RunSettings(BaseModel):
     out_dir: str = "medfed-runs/latest"
     secure_agg: Literal["medfed", "flower", "off"] = "medfed"
     secagg_timeout: float = Field(60.0, gt=0)
+    train_timeout: float = Field(600.0, gt=0)
     ask_timeout: float = Field(300.0, gt=0)
     secagg_threshold: float = Field(0.66, gt=0, le=1)
     max_weight: float = Field(100000.0, gt=1)

@@ -2,7 +2,7 @@
 
 One call runs one round of :class:`~medfed.common.secagg.protocol.ServerSession` over the
 sites that accepted it, each stage one ``train`` message per live site and a wait of at
-most ``timeout`` seconds for the replies::
+most ``timeout`` seconds (``train_timeout`` for the training stage) for the replies::
 
     setup           (round parameters)      -> keys          signed key-agreement keys
     key-broadcast   (neighbours' bundles)   -> shares        sealed Shamir shares
@@ -132,6 +132,9 @@ class MedfedSecAggWorkflow:
         Per-coordinate bound on a site's update before fixed-point encoding.
     timeout : float
         Seconds to wait for the replies of each stage.
+    train_timeout : float, optional
+        Seconds to wait for the training stage (local DP-SGD, then masking); default
+        ``timeout``.
     modulus_bits : int
         Masked vectors live in Z_{2**k}; 32 keeps the upload the size of a float32 update.
     """
@@ -142,16 +145,19 @@ class MedfedSecAggWorkflow:
         threshold: float,
         clip: float,
         timeout: float,
+        train_timeout: float | None = None,
         modulus_bits: int = DEFAULT_MODULUS_BITS,
     ) -> None:
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be a fraction in (0, 1], got {threshold}")
-        if not clip > 0 or not timeout > 0:
-            raise ValueError("clip and timeout must be positive")
+        train_timeout = timeout if train_timeout is None else train_timeout
+        if not (clip > 0 and timeout > 0 and train_timeout > 0):
+            raise ValueError("clip and the timeouts must be positive")
         self.roster = roster
         self.threshold = threshold
         self.clip = clip
         self.timeout = timeout
+        self.train_timeout = train_timeout
         self.modulus_bits = modulus_bits
 
     def __call__(
@@ -256,7 +262,8 @@ class _RoundRun:
             )
             for rid, content in contents.items()
         ]
-        replies = self.grid.send_and_receive(messages, timeout=self.workflow.timeout)
+        timeout = self.workflow.train_timeout if name == "train" else self.workflow.timeout
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             self._receive(reply, expect, receive)
         self.outcome.stage_seconds[name] = round(time.time() - started, 3)

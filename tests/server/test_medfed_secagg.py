@@ -543,7 +543,7 @@ def test_masked_upload_is_about_the_size_of_a_float32_update():
 def test_workflow_rejects_bad_parameters(fed):
     with pytest.raises(ValueError, match="threshold"):
         MedfedSecAggWorkflow(fed.roster, 0.0, CLIP, TIMEOUT)
-    with pytest.raises(ValueError, match="clip and timeout"):
+    with pytest.raises(ValueError, match="clip and the timeouts"):
         MedfedSecAggWorkflow(fed.roster, 0.5, 0.0, TIMEOUT)
 
 
