@@ -92,7 +92,7 @@ class SiteClient(NumPyClient):
         try:
             return self.site.train_round(self.settings, self.run_id, server_round, parameters)
         except SiteRefusal as refusal:
-            # Fail closed: no update leaves; SecAgg+ treats the site as dropped.
+            # Fail closed: no update leaves; secure aggregation treats the site as dropped.
             raise RuntimeError(f"site declined round {server_round}: {refusal}") from None
 
     def evaluate(

@@ -35,7 +35,6 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import FitIns, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.serde import recorddict_to_proto
 from flwr.server import LegacyContext
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp.grid import Grid
@@ -52,11 +51,6 @@ from medfed.common.secagg.protocol import (
     ServerSession,
 )
 from medfed.common.secagg.quantize import DEFAULT_MODULUS_BITS, QuantParams
-
-
-def message_bytes(content: RecordDict) -> int:
-    """Size of a message's content as Flower serialises it (protobuf bytes)."""
-    return recorddict_to_proto(content).ByteSize()
 
 
 def threshold_for(fraction: float, num_sites: int) -> int:
@@ -82,8 +76,8 @@ class SecAggRound:
     site_errors: dict[int, str] = field(default_factory=dict)
     note: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    masked_bytes: dict[int, int] = field(default_factory=dict)
-    plain_bytes: int = 0
+    masked_bytes: dict[int, int] = field(default_factory=dict)  # the masked vector, per site
+    plain_bytes: int = 0  # the same update as float32
     fit_results: list[tuple[int, FitRes]] = field(default_factory=list, repr=False)
 
     def summary(self, name_of: Callable[[int], str]) -> dict[str, Any]:
@@ -95,19 +89,21 @@ class SecAggRound:
             "dropped": sorted(name_of(n) for n in self.dropped),
             "site_errors": {name_of(n): e for n, e in sorted(self.site_errors.items())},
             "stage_seconds": self.stage_seconds,
-            "masked_upload_bytes": {name_of(n): b for n, b in sorted(self.masked_bytes.items())},
-            "plain_update_bytes": self.plain_bytes,
+            "masked_vector_bytes": dict(
+                sorted((name_of(n), b) for n, b in self.masked_bytes.items())
+            ),
+            "plain_float32_bytes": self.plain_bytes,
             "note": self.note,
         }
 
 
 def _fit_result(content: RecordDict) -> tuple[FitRes, int]:
-    """The metric-only fit result riding with a masked vector, and the reply's size."""
+    """The metric-only fit result riding with a masked vector, and the vector's size."""
     try:
         fit_result = compat.recorddict_to_fitres(content, keep_input=True)
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"masked reply without a well-formed fit result ({exc!r})") from None
-    return fit_result, message_bytes(content)
+    return fit_result, len(content.config_records[wire.RECORD_KEY]["vector"])
 
 
 def _declared_weight(reply: Mapping[str, Any]) -> int:

@@ -17,9 +17,11 @@ Unlike Flower's SecAgg+ (which folds the shared secret to a 32-bit seed for nump
   counter. That is safe only because of this invariant: **each derived key expands exactly one
   mask** (one vector, one round, one purpose). The context in ``info`` makes keys unique per
   round and pair, and the workflow must never mask two different vectors under one context.
-* **Ring.** Masks live in Z_m with m = 2**k. The keystream is read as little-endian uint64 words
-  and masked to the low k bits: every k-bit value is equally likely, so there is no modulo bias.
-  Arithmetic uses numpy uint64, which wraps mod 2**64 and hence is exact mod 2**k after masking.
+* **Ring.** Masks live in Z_m with m = 2**k. The keystream is read as little-endian words, 4
+  bytes each for k <= 32 and 8 bytes above, and masked to the low k bits: every k-bit value is
+  equally likely, so there is no modulo bias. Masks are summed in numpy uint32 (k <= 32) or
+  uint64 words, which wrap mod 2**32 or 2**64 and hence are exact mod 2**k after masking; the
+  public functions take and return uint64 arrays.
 
 Default modulus: 2**32 (``DEFAULT_MODULUS_BITS``). A masked coordinate then fits in 4 bytes, the
 same as a float32 parameter, so the masked upload stays within ~1x the plain one; the fixed-point
@@ -187,17 +189,44 @@ def keystream(key: bytes, nbytes: int) -> bytes:
     return encryptor.update(bytes(nbytes))
 
 
+def _word_dtype(modulus_bits: int) -> np.dtype:
+    """Words the keystream is read as, and masks are summed in: uint32 up to k = 32."""
+    return np.dtype("<u4") if _check_bits(modulus_bits) <= 32 else np.dtype("<u8")
+
+
+def _stream_words(key: bytes, length: int, modulus_bits: int) -> np.ndarray:
+    """The keystream as ``length`` words of :func:`_word_dtype`, not yet reduced mod 2**k."""
+    if length < 0:
+        raise ValueError("mask length must be non-negative")
+    dtype = _word_dtype(modulus_bits)
+    return np.frombuffer(keystream(key, dtype.itemsize * length), dtype=dtype)
+
+
 def expand_mask(key: bytes, length: int, modulus_bits: int) -> np.ndarray:
     """``length`` uniform elements of Z_{2**k} (uint64) from the keystream of ``key``.
 
-    Word i is keystream bytes [8i, 8i+8) read little-endian, masked to the low k bits. A shorter
-    expansion is a prefix of a longer one under the same key.
+    Word i is keystream bytes [4i, 4i+4) for k <= 32, [8i, 8i+8) above, read little-endian and
+    masked to the low k bits. A shorter expansion is a prefix of a longer one under the same key.
     """
-    if length < 0:
-        raise ValueError("mask length must be non-negative")
-    mask = ring_mask(modulus_bits)
-    words = np.frombuffer(keystream(key, 8 * length), dtype="<u8").astype(np.uint64)
-    return words & mask
+    words = _stream_words(key, length, modulus_bits)
+    return words.astype(np.uint64) & ring_mask(modulus_bits)
+
+
+class _Accumulator:
+    """An in-place sum mod 2**k in machine words (uint32 wraps for free when k <= 32)."""
+
+    def __init__(self, start: np.ndarray, modulus_bits: int) -> None:
+        self.bits = modulus_bits
+        self.total = np.asarray(start, np.uint64).astype(_word_dtype(modulus_bits))
+
+    def add(self, words: np.ndarray) -> None:
+        np.add(self.total, words, out=self.total, casting="unsafe")
+
+    def sub(self, words: np.ndarray) -> None:
+        np.subtract(self.total, words, out=self.total, casting="unsafe")
+
+    def result(self) -> np.ndarray:
+        return self.total.astype(np.uint64) & ring_mask(self.bits)
 
 
 def add_mod(a: np.ndarray, b: np.ndarray, modulus_bits: int) -> np.ndarray:
@@ -214,10 +243,10 @@ def sum_mod(vectors: list[np.ndarray], modulus_bits: int) -> np.ndarray:
     """Sum of equally long uint64 vectors mod 2**k (what the server computes)."""
     if not vectors:
         raise ValueError("sum_mod needs at least one vector")
-    total = np.zeros_like(np.asarray(vectors[0], np.uint64))
+    acc = _Accumulator(np.zeros_like(np.asarray(vectors[0], np.uint64)), modulus_bits)
     for vector in vectors:
-        total = add_mod(total, vector, modulus_bits)
-    return total
+        acc.add(np.asarray(vector, np.uint64).astype(acc.total.dtype))
+    return acc.result()
 
 
 def pairwise_mask(
@@ -265,13 +294,26 @@ def apply_masks(
     if np.any(x > ring_mask(modulus_bits)):
         raise ValueError(f"vector has elements outside Z_2**{modulus_bits}")
     n = x.shape[0]
-    own = self_mask(
-        self_seed, run_id=run_id, round=round, node_id=my_id, length=n, modulus_bits=modulus_bits
+    acc = _Accumulator(x, modulus_bits)
+    acc.add(
+        _stream_words(
+            self_mask_key(self_seed, MaskContext.for_self(run_id, round, my_id)), n, modulus_bits
+        )
     )
-    total = add_mod(x, own, modulus_bits)
     for peer_id, key in pairwise_keys.items():
-        total = add_mod(total, pairwise_mask(key, my_id, peer_id, n, modulus_bits), modulus_bits)
-    return total
+        _add_pair(acc, key, my_id, peer_id, n)
+    return acc.result()
+
+
+def _add_pair(acc: _Accumulator, key: bytes, my_id: int, peer_id: int, length: int) -> None:
+    """Add this site's signed share of a pair mask (see :func:`pairwise_mask`)."""
+    if my_id == peer_id:
+        raise ValueError("a node has no pairwise mask with itself")
+    words = _stream_words(key, length, acc.bits)
+    if my_id < peer_id:
+        acc.add(words)
+    else:
+        acc.sub(words)
 
 
 def unmask_sum(
@@ -289,13 +331,22 @@ def unmask_sum(
     ``(survivor_id, dropped_id)`` to the pair key the server recomputed from the dropped site's
     reconstructed private key; the survivor's share of that pair mask did not cancel.
     """
-    total = np.asarray(masked_sum, np.uint64)
-    n = total.shape[0]
+    acc = _Accumulator(masked_sum, modulus_bits)
+    n = acc.total.shape[0]
     for node_id, seed in self_seeds.items():
-        own = self_mask(
-            seed, run_id=run_id, round=round, node_id=node_id, length=n, modulus_bits=modulus_bits
-        )
-        total = sub_mod(total, own, modulus_bits)
+        key = self_mask_key(seed, MaskContext.for_self(run_id, round, node_id))
+        acc.sub(_stream_words(key, n, modulus_bits))
     for (survivor, dropped), key in dangling.items():
-        total = sub_mod(total, pairwise_mask(key, survivor, dropped, n, modulus_bits), modulus_bits)
-    return total
+        _sub_pair(acc, key, survivor, dropped, n)
+    return acc.result()
+
+
+def _sub_pair(acc: _Accumulator, key: bytes, my_id: int, peer_id: int, length: int) -> None:
+    """Remove the share of a pair mask that ``my_id`` added (the inverse of :func:`_add_pair`)."""
+    if my_id == peer_id:
+        raise ValueError("a node has no pairwise mask with itself")
+    words = _stream_words(key, length, acc.bits)
+    if my_id < peer_id:
+        acc.sub(words)
+    else:
+        acc.add(words)

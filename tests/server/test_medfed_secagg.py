@@ -343,7 +343,9 @@ def test_all_sites_survive(fed):
     summary = outcome.summary(lambda nid: fed.sites[nid].name)
     json.dumps(summary)
     assert summary["status"] == "aggregated" and summary["dropped"] == []
-    assert set(summary["masked_upload_bytes"]) == set(NAMES.values())
+    assert set(summary["masked_vector_bytes"]) == set(NAMES.values())
+    dimension = summary["plain_float32_bytes"] // 4
+    assert set(summary["masked_vector_bytes"].values()) == {4 * (dimension + 1)}
 
 
 def test_consecutive_rounds_train_on_the_new_model(fed):
