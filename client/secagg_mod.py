@@ -82,12 +82,13 @@ class MedfedSecAggMod:
         self.identity_of = identity_of
 
     def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-        record = msg.content.config_records[wire.RECORD_KEY]
         site = "this site"
         try:
             identity = self.identity_of(ctxt)
             site = identity.name
-            stage = wire.stage_of(record)
+            if wire.RECORD_KEY not in msg.content.config_records:
+                raise SecAggFailure("a train message without a secure-aggregation record")
+            stage = wire.stage_of(msg.content.config_records[wire.RECORD_KEY])
             if stage == wire.STAGE_SETUP:
                 return self._setup(msg, ctxt, identity)
             session, config = self._resume(ctxt, identity)

@@ -49,7 +49,7 @@ from medfed.common.secagg.masks import (
     DEFAULT_MODULUS_BITS,
     KEY_BYTES,
     MAX_MODULUS_BITS,
-    expand_mask,
+    keystream,
     ring_mask,
 )
 
@@ -146,7 +146,12 @@ def uniform01(length: int, key: bytes | None = None) -> np.ndarray:
     ``key`` defaults to a fresh ``secrets`` key; pass one only for reproducible tests.
     """
     key = secrets.token_bytes(KEY_BYTES) if key is None else key
-    return expand_mask(key, length, _UNIFORM_BITS).astype(np.float64) * 2.0**-_UNIFORM_BITS
+    if length < 0:
+        raise ValueError("length must be non-negative")
+    words = np.frombuffer(keystream(key, 8 * length), dtype="<u8")  # as expand_mask(key, n, 53)
+    uniforms = (words & np.uint64(2**_UNIFORM_BITS - 1)).astype(np.float64)
+    uniforms *= 2.0**-_UNIFORM_BITS
+    return uniforms
 
 
 def stochastic_round(x: np.ndarray, key: bytes | None = None) -> np.ndarray:
@@ -156,7 +161,9 @@ def stochastic_round(x: np.ndarray, key: bytes | None = None) -> np.ndarray:
         raise ValueError("stochastic_round needs finite values")
     low = np.floor(x)
     up = uniform01(x.size, key).reshape(x.shape) < (x - low)
-    return low.astype(np.int64) + up.astype(np.int64)
+    rounded = low.astype(np.int64)
+    rounded += up
+    return rounded
 
 
 def to_ring(q: np.ndarray, modulus_bits: int) -> np.ndarray:
@@ -183,10 +190,14 @@ def encode_weighted(
         raise ValueError("update contains NaN or infinite values")
     if not (math.isfinite(weight) and 0 <= weight <= params.max_weight):
         raise ValueError(f"weight {weight} outside [0, max_weight={params.max_weight}]")
-    clipped = np.clip(u, -params.clip, params.clip)
-    values = np.append(weight * clipped, np.float64(weight))
-    q = stochastic_round(values * params.scale, key)
-    if np.any(np.abs(q) > _peak(params.max_weight, params.clip, params.scale)):
+    values = np.empty(u.size + 1, np.float64)
+    np.clip(u, -params.clip, params.clip, out=values[:-1])
+    values[:-1] *= weight  # the same float operations as (weight * clipped) * scale
+    values[-1] = weight
+    values *= params.scale
+    q = stochastic_round(values, key)
+    peak = _peak(params.max_weight, params.clip, params.scale)
+    if q.size and max(int(q.max()), -int(q.min())) > peak:
         raise OverflowRisk("encoded value exceeds the checked capacity")  # defensive, unreachable
     return to_ring(q, params.modulus_bits)
 
