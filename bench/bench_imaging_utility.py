@@ -1,7 +1,7 @@
 """Utility of the DP federated imaging model against the pooled non-private reference.
 
 Runs the whole federation in process (``medfed.simulations.runner.run``: Flower's
-simulation engine, DP-SGD at every site, SecAgg+) on synthetic DICOM hospitals with the
+simulation engine, DP-SGD at every site, secure aggregation) on synthetic DICOM hospitals with the
 hyperparameters ``medfed simulate --task xray`` uses (``medfed.cli.main.IMAGING_DEFAULTS``)
 and trains the pooled non-private CNN on the same training splits.
 

@@ -145,9 +145,9 @@ def phases(
             marks.append(("round 1: Ray workers + ClientApps start, sites decide", event["time"]))
         elif kind == "round-end":
             label = (
-                "round 1: DP-SGD + SecAgg+ + evaluate"
+                "round 1: DP-SGD + secure aggregation + evaluate"
                 if event.get("round") == 1
-                else f"round {event.get('round')} (ask, train, SecAgg+, evaluate)"
+                else f"round {event.get('round')} (ask, train, secure aggregation, evaluate)"
             )
             marks.append((label, event["time"]))
         elif kind == "run-end":

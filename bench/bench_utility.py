@@ -1,9 +1,9 @@
 """Utility of the DP federated model against the pooled non-private reference.
 
 Runs the whole federation in process (``medfed.simulations.runner.run`` with the
-Flower simulation engine, DP-SGD at every site and SecAgg+), with the hyperparameters
-``medfed simulate`` uses for each dataset (``medfed.cli.main.DATASET_DEFAULTS``), and
-the pooled reference (``reference=True``):
+Flower simulation engine, DP-SGD at every site and medfed secure aggregation), with the
+hyperparameters ``medfed simulate`` uses for each dataset
+(``medfed.cli.main.DATASET_DEFAULTS``), and the pooled reference (``reference=True``):
 
 - ``synthetic``: 3 synthetic hospitals, epsilon 3 (delta 1e-5) per site. Figure: the
   global AUC over all sites' test splits (``final_metrics['auc']``) next to the pooled
@@ -267,7 +267,7 @@ def bench_heart(seeds: list[int]) -> dict[str, Any]:
         )
     comparison = [
         [
-            "medfed FedAvg + DP-SGD + SecAgg+, eps 1 (delta 1e-5)",
+            "medfed FedAvg + DP-SGD + secure agg., eps 1 (delta 1e-5)",
             fed_mean if len(runs) == 1 else f"{fed_mean:.4f} +- {fed_std:.4f}",
         ],
         [

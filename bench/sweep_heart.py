@@ -1,4 +1,4 @@
-"""Small hyperparameter sweep for heart-disease at epsilon 1 (logreg, DP-SGD + SecAgg+).
+"""Small hyperparameter sweep for heart-disease at epsilon 1 (logreg, DP-SGD + secure aggregation).
 
 Each combination is one in-process federation (``medfed.simulations.runner.run``, the
 same path as ``medfed simulate --dataset heart-disease``), without the pooled reference
