@@ -201,20 +201,12 @@ class ModeRouter:
 
     def __call__(self, msg, ctxt, call_next):
         from flwr.app.message_type import MessageType
-        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-        from medfed.common.secagg import wire
+        from medfed.client.app import secure_agg_of
 
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, ctxt)
-        records = msg.content.config_records
-        arrived = (
-            "medfed"
-            if wire.RECORD_KEY in records
-            else "flower"
-            if RECORD_KEY_CONFIGS in records
-            else "off"
-        )
+        arrived = secure_agg_of(msg)
         gate = self.gates.get(arrived) or next(iter(self.gates.values()))  # it will refuse
         return gate(msg, ctxt, call_next)
 

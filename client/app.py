@@ -120,6 +120,14 @@ def site_identity(context: Context, settings: RunSettings) -> SiteIdentity:
     return load_site_identity(key, roster)
 
 
+def secure_agg_of(msg: Message) -> str:
+    """The secure-aggregation mode a ``train`` message was sent in, from its records."""
+    records = msg.content.config_records
+    if wire.RECORD_KEY in records:
+        return "medfed"
+    return "flower" if RECORD_KEY_CONFIGS in records else "off"
+
+
 class SecureAggregationGate:
     """Client mod: a ``train`` message reaches training only through the run's mode.
 
@@ -141,14 +149,7 @@ class SecureAggregationGate:
     def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, ctxt)
-        records = msg.content.config_records
-        arrived = (
-            "medfed"
-            if wire.RECORD_KEY in records
-            else "flower"
-            if RECORD_KEY_CONFIGS in records
-            else "off"
-        )
+        arrived = secure_agg_of(msg)
         mode = self.settings(ctxt).secure_agg
         if arrived != mode:
             reason = (

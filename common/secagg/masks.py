@@ -229,16 +229,6 @@ class _Accumulator:
         return self.total.astype(np.uint64) & ring_mask(self.bits)
 
 
-def add_mod(a: np.ndarray, b: np.ndarray, modulus_bits: int) -> np.ndarray:
-    """(a + b) mod 2**k on uint64 arrays."""
-    return (np.asarray(a, np.uint64) + np.asarray(b, np.uint64)) & ring_mask(modulus_bits)
-
-
-def sub_mod(a: np.ndarray, b: np.ndarray, modulus_bits: int) -> np.ndarray:
-    """(a - b) mod 2**k on uint64 arrays (uint64 wraps, then the mask reduces)."""
-    return (np.asarray(a, np.uint64) - np.asarray(b, np.uint64)) & ring_mask(modulus_bits)
-
-
 def sum_mod(vectors: list[np.ndarray], modulus_bits: int) -> np.ndarray:
     """Sum of equally long uint64 vectors mod 2**k (what the server computes)."""
     if not vectors:
@@ -257,12 +247,9 @@ def pairwise_mask(
     The two ends of a pair add opposite signs of the same expansion, so the pair cancels in the
     sum mod 2**k.
     """
-    if my_id == peer_id:
-        raise ValueError("a node has no pairwise mask with itself")
-    mask = expand_mask(key, length, modulus_bits)
-    if my_id < peer_id:
-        return mask
-    return sub_mod(np.zeros_like(mask), mask, modulus_bits)
+    acc = _Accumulator(np.zeros(length, np.uint64), modulus_bits)
+    _add_pair(acc, key, my_id, peer_id, length)
+    return acc.result()
 
 
 def self_mask(
@@ -305,12 +292,15 @@ def apply_masks(
     return acc.result()
 
 
-def _add_pair(acc: _Accumulator, key: bytes, my_id: int, peer_id: int, length: int) -> None:
-    """Add this site's signed share of a pair mask (see :func:`pairwise_mask`)."""
+def _add_pair(
+    acc: _Accumulator, key: bytes, my_id: int, peer_id: int, length: int, remove: bool = False
+) -> None:
+    """Add this site's signed share of a pair mask (see :func:`pairwise_mask`), or with
+    ``remove`` take it away again (the server, for a pair whose other end dropped)."""
     if my_id == peer_id:
         raise ValueError("a node has no pairwise mask with itself")
     words = _stream_words(key, length, acc.bits)
-    if my_id < peer_id:
+    if (my_id < peer_id) != remove:
         acc.add(words)
     else:
         acc.sub(words)
@@ -337,16 +327,5 @@ def unmask_sum(
         key = self_mask_key(seed, MaskContext.for_self(run_id, round, node_id))
         acc.sub(_stream_words(key, n, modulus_bits))
     for (survivor, dropped), key in dangling.items():
-        _sub_pair(acc, key, survivor, dropped, n)
+        _add_pair(acc, key, survivor, dropped, n, remove=True)
     return acc.result()
-
-
-def _sub_pair(acc: _Accumulator, key: bytes, my_id: int, peer_id: int, length: int) -> None:
-    """Remove the share of a pair mask that ``my_id`` added (the inverse of :func:`_add_pair`)."""
-    if my_id == peer_id:
-        raise ValueError("a node has no pairwise mask with itself")
-    words = _stream_words(key, length, acc.bits)
-    if my_id < peer_id:
-        acc.sub(words)
-    else:
-        acc.add(words)
