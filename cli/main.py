@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 
 from medfed.cli.data_commands import data_app
+from medfed.cli.deploy_commands import register as register_deploy_commands
+from medfed.cli.provision_command import provision_app
 from medfed.common.config import ConfigError, RunSettings
 
 app = typer.Typer(
@@ -26,6 +28,8 @@ synth_app = typer.Typer(
 )
 app.add_typer(synth_app, name="synth")
 app.add_typer(data_app, name="data")
+app.add_typer(provision_app, name="provision")
+register_deploy_commands(app)
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line

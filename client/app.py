@@ -51,7 +51,12 @@ LOG = logging.getLogger("medfed.site")
 
 
 class SiteClient(NumPyClient):
-    """Adapter from Flower's NumPyClient calls to a :class:`Site`."""
+    """Adapter from Flower's NumPyClient calls to a :class:`Site`.
+
+    ``run_id`` is the medfed run id the site keys its ledger by
+    (:meth:`RunSettings.medfed_run_id`: the run's ``run-name``, else Flower's run id), so
+    a restarted coordinator that resumes a named run reaches the same ledger entries.
+    """
 
     def __init__(
         self,
@@ -117,7 +122,8 @@ def site_identity(context: Context, settings: RunSettings) -> SiteIdentity:
         resolve_data_dir(context.node_config, settings),
         settings.roster_path(),
     )
-    return load_site_identity(key, roster)
+    ca = context.node_config.get("ca-cert")
+    return load_site_identity(key, roster, Path(str(ca)) if ca else None)
 
 
 def secure_agg_of(msg: Message) -> str:
@@ -180,7 +186,10 @@ def build_client_app(
         settings = RunSettings.from_flower({**base, **dict(context.run_config)})
         site = Site(resolve_data_dir(context.node_config, settings))
         return SiteClient(
-            site, settings, str(context.run_id), lambda: site_identity(context, settings)
+            site,
+            settings,
+            settings.medfed_run_id(context.run_id),
+            lambda: site_identity(context, settings),
         ).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[*outer_mods, SecureAggregationGate(base)])

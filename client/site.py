@@ -160,6 +160,18 @@ class Site:
     def _plan(
         self, settings: RunSettings, prep: _Prepared, run_id: str, server_round: int
     ) -> tuple[float, float]:
+        """The round's noise multiplier and the epsilon after it; SiteRefusal if declined.
+
+        The privacy rule for restarts: a site never trains the same (medfed run id,
+        round) twice. ``run_id`` is the run's name when it has one, so a coordinator that
+        is restarted and resumes the run asks again under the same id: a round this site
+        already trained (a ``train`` entry for this run and round, say the round that was
+        interrupted) is declined with "round k of run X is already in the ledger", and
+        :meth:`record_decline` writes no second entry for it. Rounds outside the planned
+        ``1..num_rounds`` are declined too, so restarts never buy a run more than its
+        planned rounds of releases from this site, and the run's noise is the one the
+        ledger recorded for it (:meth:`_noise_for_run`), unchanged by a restart.
+        """
         policy = prep.policy
         reason = policy.refusal(settings)
         if reason:
@@ -356,7 +368,12 @@ class Site:
         append_entry(self.ledger_path, entry)
 
     def record_decline(self, decision: Decision, run_id: str, server_round: int) -> None:
-        """Write a declined round to the ledger (when the ledger itself is readable)."""
+        """Write a declined round to the ledger (when the ledger itself is readable).
+
+        Nothing is written when the ledger already holds an entry for this run and round
+        (a round trained before a coordinator restart, or declined before): one entry
+        per (run, round).
+        """
         try:
             entries = read_ledger(self.ledger_path)
         except LedgerError:

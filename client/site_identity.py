@@ -63,11 +63,23 @@ def identity_paths(
     return data_dir / SIM_IDENTITY_NAME, simulation_roster
 
 
-def load_site_identity(key_path: Path, roster_path: Path) -> SiteIdentity:
-    """Load the key and the roster and find this site's entry in it."""
+def load_site_identity(
+    key_path: Path, roster_path: Path, ca_path: Path | None = None
+) -> SiteIdentity:
+    """Load the key and the roster and find this site's entry in it.
+
+    With ``ca_path`` (a deployment: node config ``ca-cert``) the roster must carry a
+    valid signature of that consortium CA, so an edited roster file is refused."""
     try:
         private_key = load_identity(key_path)
-        roster = Roster.load(roster_path)
+        if ca_path is None:
+            roster = Roster.load(roster_path)
+        else:
+            from medfed.deploy.pki import load_ca_certificate
+            from medfed.deploy.roster import load_signed_roster
+
+            signed = load_signed_roster(roster_path, load_ca_certificate(ca_path))
+            roster = signed.secagg_roster()
     except (OSError, ValueError) as exc:
         raise IdentityConfigError(f"secure-aggregation identity: {exc}") from None
     try:

@@ -94,6 +94,17 @@ class RunSettings(BaseModel):
         Imaging: most samples (studies/images) one patient contributes. 1 makes DP
         protect patients directly; k > 1 is recorded in the ledger, and a patient's
         protection is then that of a group of k samples.
+    run_name : str
+        The run's medfed id (0 to 64 characters of ``A-Z a-z 0-9 . _ -``): the key of
+        every site's ledger entries and of its once-per-run noise calibration, and the
+        ``run_id`` in run.json. Empty means Flower's run id, which is new for every
+        Flower run; a named run keeps its id when the coordinator is restarted (see
+        :meth:`medfed_run_id`).
+    resume : bool
+        Continue the run recorded in ``<out_dir>/run.json`` after the last round whose
+        checkpoint verifies, instead of starting at round 1. Needs ``run_name``, and
+        every other setting except ``num_rounds`` (which may only stay or shrink) must
+        be what the run was started with. Sites never train a round of the run twice.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -122,6 +133,8 @@ class RunSettings(BaseModel):
     samples_per_patient: int = Field(1, ge=1, le=100)
     secagg_clip: float = Field(4.0, gt=0, le=1e6)
     secagg_roster: str = ""
+    run_name: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9._-]*$")
+    resume: bool = False
 
     @model_validator(mode="after")
     def _task_matches_dataset(self) -> RunSettings:
@@ -132,6 +145,23 @@ class RunSettings(BaseModel):
                 f"(expected one of {', '.join(spec.models)})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _resume_needs_a_name(self) -> RunSettings:
+        if self.resume and not self.run_name:
+            raise ValueError(
+                "'resume' needs the run's 'run-name': the sites key their ledgers by it, "
+                "and a fresh Flower run id would make them spend the run's epsilon again"
+            )
+        return self
+
+    def medfed_run_id(self, flower_run_id: int | str) -> str:
+        """The run id sites key their ledgers by: ``run_name``, else Flower's run id.
+
+        The coordinator records it as run.json's ``run_id``. Secure aggregation binds its
+        keys to Flower's own run id instead, which is fresh for every Flower run.
+        """
+        return self.run_name or str(flower_run_id)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunSettings:

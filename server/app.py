@@ -45,12 +45,15 @@ def model_meta(settings: RunSettings) -> dict[str, Any]:
 
 
 def build_server_app(
-    defaults: Mapping[str, Any] | None = None, expected_sites: int | None = None
+    defaults: Mapping[str, Any] | None = None,
+    expected_sites: int | None = None,
+    workflow_cls: type[MedfedWorkflow] = MedfedWorkflow,
 ) -> ServerApp:
     """A ServerApp whose run settings default to ``defaults`` (Flower run-config keys).
 
     ``expected_sites`` is how many sites to wait for before round 1 (default:
-    ``min-sites``).
+    ``min-sites``); ``workflow_cls`` runs the rounds (a subclass can inject faults in
+    tests).
     """
     base = dict(defaults or {})
     app = ServerApp()
@@ -68,7 +71,7 @@ def build_server_app(
             config=ServerConfig(num_rounds=settings.num_rounds),
             strategy=strategy,
         )
-        workflow = MedfedWorkflow(
+        workflow = workflow_cls(
             settings,
             Path(settings.out_dir),
             expected_sites or settings.min_sites,

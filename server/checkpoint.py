@@ -34,8 +34,16 @@ def save_checkpoint(
     return path, digest
 
 
-def load_checkpoint(path: Path) -> tuple[list[np.ndarray], dict]:
-    """Read a checkpoint; raise ValueError naming the file if it is damaged."""
+def load_checkpoint(
+    path: Path, expected_sha256: str | None = None
+) -> tuple[list[np.ndarray], dict]:
+    """Read a checkpoint; raise ValueError naming the file if it is damaged.
+
+    The model hash is recomputed from the arrays as :func:`save_checkpoint` computes it
+    and must equal the one stored in the file and, when given, ``expected_sha256`` (the
+    hash run.json recorded for the round): a checkpoint replaced by another model, even
+    one with a self-consistent hash, is refused.
+    """
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data["meta"]).decode())
@@ -43,6 +51,12 @@ def load_checkpoint(path: Path) -> tuple[list[np.ndarray], dict]:
             weights = [data[k] for k in keys]
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{path}: not a readable medfed checkpoint ({exc})") from None
-    if weights_digest(weights) != meta.get("sha256"):
+    digest = weights_digest(weights)
+    if digest != meta.get("sha256"):
         raise ValueError(f"{path}: checkpoint hash does not match its parameters")
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise ValueError(
+            f"{path}: model hash {digest[:16]}… is not the {expected_sha256[:16]}… "
+            "recorded for this round in run.json (checkpoint replaced or tampered with)"
+        )
     return weights, meta

@@ -12,6 +12,9 @@ Each round:
    An aborted secure-aggregation round leaves the model as it was; the run goes on.
 3. **Evaluate** the new global model at every site (cohort-level metrics only).
 4. **Checkpoint** the global model and rewrite ``run.json``.
+
+With ``resume = true`` the run continues from ``run.json`` and the last verified
+checkpoint instead of round 1 (:mod:`medfed.server.resume`).
 """
 
 from __future__ import annotations
@@ -19,17 +22,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
+import numpy as np
 from flwr.app import ConfigRecord, Message
 from flwr.app.message_type import MessageType
 from flwr.common import (
     Code,
     GetPropertiesIns,
     Parameters,
+    ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.common.constant import MessageTypeLegacy
@@ -46,7 +51,8 @@ from medfed.common.secagg.identity import Roster
 from medfed.common.secagg.quantize import DEFAULT_MODULUS_BITS
 from medfed.server.checkpoint import save_checkpoint
 from medfed.server.medfed_secagg import MedfedSecAggWorkflow
-from medfed.server.run_record import RoundRecord, RunRecord, emit_event
+from medfed.server.resume import ResumeError, resume_point
+from medfed.server.run_record import RUN_RECORD_NAME, RoundRecord, RunRecord, emit_event
 from medfed.server.strategy import SiteSelectingFedAvg
 
 SITE_WAIT_SECONDS = 120.0
@@ -86,11 +92,48 @@ class MedfedWorkflow:
         self._roster: Roster | None = None
 
     def __call__(self, grid: Grid, context: LegacyContext) -> RunRecord:
-        record = RunRecord(
-            run_id=str(context.run_id),
-            settings=self.settings.model_dump(),
-            secure_aggregation=self._secagg_description(),
-        )
+        run_id = self.settings.medfed_run_id(context.run_id)
+        initial = context.strategy.initialize_parameters(context.client_manager)
+        if initial is None:
+            raise ValueError("the strategy has no initial parameters")
+        first_round = 1
+        if self.settings.resume:
+            # Before anything is written: a refused resume leaves run.json as it was.
+            point = resume_point(self.out_dir, self.settings, run_id, context.run_id)
+            record = point.record
+            first_round = point.after_round + 1
+            if point.weights is not None:
+                initial = self._resumed_parameters(initial, point.weights)
+            log(
+                INFO,
+                "resuming run %s after round %s (dropped rounds: %s)",
+                run_id,
+                point.after_round,
+                point.dropped or "none",
+            )
+            emit_event(
+                self.out_dir,
+                "run-resume",
+                run_id=run_id,
+                after_round=point.after_round,
+                dropped_rounds=point.dropped,
+                flower_run_id=str(context.run_id),
+            )
+        else:
+            if (self.out_dir / RUN_RECORD_NAME).exists():
+                log(
+                    WARNING,
+                    "%s is replaced by the record of run %s (set resume = true and the "
+                    "run's run-name to continue the run it records)",
+                    self.out_dir / RUN_RECORD_NAME,
+                    run_id,
+                )
+            record = RunRecord(
+                run_id=run_id,
+                settings=self.settings.model_dump(),
+                secure_aggregation=self._secagg_description(),
+                flower_run_id=str(context.run_id),
+            )
         thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
         c_done.wait()
         try:
@@ -98,16 +141,16 @@ class MedfedWorkflow:
             cfg = ConfigRecord({Key.START_TIME: time.time()})
             context.state.config_records[MAIN_CONFIGS_RECORD] = cfg
             context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-                context.strategy.initialize_parameters(context.client_manager),
-                keep_input=True,
+                initial, keep_input=True
             )
             emit_event(
                 self.out_dir,
                 "run-start",
                 rounds=self.settings.num_rounds,
+                first_round=first_round,
                 sites=context.client_manager.num_available(),
             )
-            for server_round in range(1, self.settings.num_rounds + 1):
+            for server_round in range(first_round, self.settings.num_rounds + 1):
                 cfg[Key.CURRENT_ROUND] = server_round
                 record.rounds.append(self._round(grid, context, server_round, record))
                 record.write(self.out_dir)
@@ -122,6 +165,18 @@ class MedfedWorkflow:
             f_stop.set()
             thread.join(timeout=10)
         return record
+
+    @staticmethod
+    def _resumed_parameters(initial: Parameters, weights: list[np.ndarray]) -> Parameters:
+        """The checkpoint's weights as parameters, if they fit the run's model."""
+        expected = [(a.shape, a.dtype) for a in parameters_to_ndarrays(initial)]
+        found = [(a.shape, a.dtype) for a in weights]
+        if expected != found:
+            raise ResumeError(
+                "cannot resume: the checkpoint's arrays do not fit the run's model "
+                f"({len(found)} arrays, expected {len(expected)} of the model's shapes)"
+            )
+        return ndarrays_to_parameters(weights)
 
     # -- one round -------------------------------------------------------------------
     def _round(

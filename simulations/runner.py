@@ -143,7 +143,8 @@ def run(
     get_task_spec(settings.task, settings.dataset)
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / EVENTS_NAME).unlink(missing_ok=True)
+    if not settings.resume:  # a resumed run appends to the events of the run it continues
+        (out_dir / EVENTS_NAME).unlink(missing_ok=True)
     site_dirs = prepare_sites(plan)
     if len(site_dirs) < settings.min_sites:
         raise SimulationError(
@@ -232,7 +233,7 @@ class _EventWatcher:
         self.path, self.callback = path, callback
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._offset = 0
+        self._offset = path.stat().st_size if path.exists() else 0  # only new events
         self._thread.start()
 
     def stop(self) -> None:

@@ -296,6 +296,33 @@ def test_same_round_twice_is_refused(
     assert not decision.accept and "already" in decision.reason
 
 
+def test_restarted_coordinator_gets_no_round_twice(
+    site: Site, settings: RunSettings, weights: list[np.ndarray]
+) -> None:
+    """A resumed run (same run name, new Flower run) asks again for the round it lost."""
+    named = settings.model_copy(update={"run_name": "trial", "num_rounds": 3})
+    run_id = named.medfed_run_id(1111)
+    site.train_round(named, run_id, 1, weights)
+    site.train_round(named, run_id, 2, weights)  # then the coordinator dies
+    resumed = named.model_copy(update={"resume": True})
+    again = resumed.medfed_run_id(2222)
+    assert again == run_id == "trial"
+    before = site.ledger_path.read_bytes()
+    decision = site.decide(resumed, again, 2)
+    assert not decision.accept
+    assert decision.reason == "round 2 of run trial is already in the ledger"
+    site.record_decline(decision, again, 2)
+    assert site.ledger_path.read_bytes() == before  # no second entry for round 2
+    # The next round keeps the run's noise, and the plan's end is still the end.
+    recorded = _ledger_lines(site)[0]["noise_multiplier"]
+    assert site.decide(resumed, again, 3).noise_multiplier == recorded
+    site.train_round(resumed, again, 3, weights)
+    assert not site.decide(resumed, again, 4).accept
+    lines = _ledger_lines(site)
+    assert [(e["kind"], e["round"]) for e in lines] == [("train", r) for r in (1, 2, 3)]
+    assert {e["noise_multiplier"] for e in lines} == {recorded}
+
+
 def test_later_rounds_reuse_the_runs_noise(
     site: Site, settings: RunSettings, weights: list[np.ndarray]
 ) -> None:

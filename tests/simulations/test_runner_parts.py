@@ -67,6 +67,17 @@ def test_event_watcher_passes_complete_lines_in_order(tmp_path):
     assert [e["event"] for e in seen] == ["a", "b"]
 
 
+def test_event_watcher_skips_events_already_in_the_file(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps({"event": "old"}) + "\n")  # a resumed run's earlier events
+    seen = []
+    watcher = _EventWatcher(path, seen.append)
+    with path.open("a") as handle:
+        handle.write(json.dumps({"event": "new"}) + "\n")
+    watcher.stop()
+    assert [e["event"] for e in seen] == ["new"]
+
+
 def test_too_few_sites_is_a_clear_error(tmp_path):
     from medfed.simulations.runner import SimulationError, run
 
