@@ -7,6 +7,7 @@ own processes: `flower-superlink`, `flower-supernode`, `flwr run`.
 from __future__ import annotations
 
 import json
+import secrets
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,13 @@ def _say(message: str) -> None:
 def server(
     bundle: Path = typer.Option(..., help="The coordinator's bundle (`server/` from provision)."),
     host: str | None = typer.Option(
-        None, help="Address to bind; must be in the server certificate [default: its first]."
+        None, help="Address to bind; must be in the server certificate (default: its first host)."
     ),
-    port: int | None = typer.Option(None, help="Port to bind [default: the bundle's]."),
+    port: int | None = typer.Option(None, help="Port to bind (default: the bundle's)."),
     state_dir: Path | None = typer.Option(
-        None, help="SuperLink database, Flower home and logs [default: <bundle>/state]."
+        None,
+        help="SuperLink database, Flower home, node registry (default: <bundle>/state). "
+        "Flower's log goes to standard output.",
     ),
 ) -> None:
     """Run the coordinator's Flower SuperLink: TLS, SuperNode authentication, roster sites.
@@ -80,7 +83,7 @@ def site(
     bundle: Path = typer.Option(..., help="This hospital's bundle (`sites/<ID>/`)."),
     data: Path = typer.Option(..., help="The hospital's data folder (CSV or DICOM, site.toml)."),
     superlink: str | None = typer.Option(
-        None, help="Coordinator HOST:PORT [default: the bundle's]."
+        None, help="Coordinator HOST:PORT (default: the bundle's)."
     ),
     runtime_port: int = typer.Option(
         9094, help="Local port (127.0.0.1) for the SuperNode's app processes."
@@ -89,8 +92,8 @@ def site(
     """Run one hospital's Flower SuperNode.
 
     Checks the bundle (CA signature on the roster, the site's certificate, key file
-    permissions, enrolment), installs the bundle's policy template if DATA has no
-    site.toml, then connects out to the coordinator over TLS. Patient data stays in
+    permissions, enrolment) and the site's own policy DATA/site.toml (start from the
+    bundle's template), then connects out to the coordinator over TLS. Patient data stays in
     DATA; only masked model updates and cohort-level metrics leave. Runs until Ctrl-C
     or SIGTERM, and keeps reconnecting while the coordinator is away.
     """
@@ -122,17 +125,19 @@ def run(
     min_sites: int = typer.Option(2, min=2, help="Sites needed before round 1 and per round."),
     secure_agg: str = typer.Option("medfed", help="medfed, flower or off (sites decide)."),
     out: Path | None = typer.Option(
-        None, help="Output folder on this host [default: medfed-runs/run-<timestamp>]."
+        None, help="Output folder on this host (default: medfed-runs/run-<timestamp>)."
     ),
     run_name: str | None = typer.Option(
-        None, help="Run name the sites key their ledgers by [default: the out folder's name]."
+        None,
+        help="Run name the sites key their ledgers by (default: the out folder's name "
+        "plus a random suffix, so two runs never share one).",
     ),
     resume: bool = typer.Option(
         False,
         help="Continue the run in --out after its last completed round (after a "
         "coordinator restart), with the settings it was started with.",
     ),
-    superlink: str | None = typer.Option(None, help="HOST:PORT [default: the bundle's]."),
+    superlink: str | None = typer.Option(None, help="HOST:PORT (default: the bundle's)."),
     timeout: float | None = typer.Option(None, help="Give up after this many seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -212,7 +217,7 @@ def _run_settings(opts: dict[str, Any], out_dir: Path, roster: Path) -> RunSetti
             "data_root": "",
             "out_dir": str(out_dir),
             "secagg_roster": str(roster),
-            "run_name": opts["run_name"] or out_dir.name,
+            "run_name": opts["run_name"] or f"{out_dir.name[:55]}-{secrets.token_hex(4)}",
         }
     )
 

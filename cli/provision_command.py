@@ -189,8 +189,10 @@ def revoke_site(
 
     The roster's serial goes up by one and the new roster is written into every bundle
     (the revoked site's folder stays, with the new roster that no longer lists it).
-    Its node id is never issued again. Send the new roster to the coordinator and to
-    every site, and deregister the site's SuperNode key on the SuperLink.
+    Its node id is never issued again. A running `medfed server` whose bundle is in
+    OUT picks the new roster up within seconds and unregisters the site's SuperNode
+    key; otherwise copy roster.json into the coordinator's bundle. Send it to every
+    site as well.
     """
     from medfed.deploy.provision import revoke_site as run_revoke_site
 

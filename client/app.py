@@ -15,6 +15,10 @@ must allow):
   (:mod:`medfed.client.secagg_mod`) or Flower's SecAgg+, or in the clear when the run
   and the site's policy both say ``off``; sample count and metrics;
 - ``evaluate``: test-split metrics, released only over at least the minimum cohort.
+
+Every message starts a fresh ``flwr-clientapp`` process that imports this module, so it
+imports nothing heavy: torch, Opacus, pandas, scikit-learn and pydicom load only in the
+code that uses them (secure-aggregation stages need none of them).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Message
 from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
@@ -182,6 +185,8 @@ def build_client_app(
     base = dict(defaults or {})
 
     def client_fn(context: Context):
+        import torch
+
         torch.set_num_threads(1)
         settings = RunSettings.from_flower({**base, **dict(context.run_config)})
         site = Site(resolve_data_dir(context.node_config, settings))

@@ -4,6 +4,9 @@ Rows that fail validation are skipped and *counted*, each with the file line and
 that was wrong; missing columns or an unreadable file stop the site with a
 :class:`DataError`. One row is one patient: a repeated patient id is skipped, so that
 DP-SGD's unit of privacy is a patient and not a record.
+
+pandas and scikit-learn are imported where they are used: the ClientApp imports this
+module in the fresh process each Flower message starts, most of which never read the CSV.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from medfed.common.tasks import Column, TaskSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 HEADER_LINES = 1
 
@@ -127,6 +132,8 @@ def load_site_data(path: Path, spec: TaskSpec, strict: bool = False) -> SiteData
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     if not path.is_file():
         raise DataError(f"{path}: site data file not found")
     try:
@@ -228,6 +235,8 @@ def split_train_test(data: SiteData, test_fraction: float, seed: int) -> tuple[S
     The split depends only on the data and ``seed``, so the training set, and with it
     the dataset fingerprint, is the same in every run.
     """
+    from sklearn.model_selection import train_test_split
+
     order = np.argsort(np.asarray(data.ids, dtype=object).astype(str), kind="stable")
     stratify = None
     if data.spec.is_binary:

@@ -16,8 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medfed.common.atomic import atomic_write_text
 from medfed.common.config import RunSettings, describe_validation_error
-from medfed.common.models import MODELS
-from medfed.common.tasks import TASKS
+from medfed.common.tasks import MODELS, TASKS
 
 POLICY_NAME = "site.toml"
 

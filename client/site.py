@@ -5,6 +5,10 @@ accountant is rebuilt from the ledger before every round (so epsilon composes ac
 rounds, runs and restarts) and the noise multiplier is calibrated from the run's target
 epsilon over all planned rounds, once per run: a round of a run already in the ledger
 reuses that run's recorded noise. Anything that cannot be read fails closed.
+
+The training code, the models and the imaging loader (torch, Opacus, pydicom) are
+imported by the methods that need them: each Flower message starts a fresh ClientApp
+process, and most messages (the round offer, secure aggregation) need none of them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,15 +29,7 @@ from medfed.client.data import (
     load_site_data,
     split_train_test,
 )
-from medfed.client.imaging_data import (
-    ImagingData,
-    imaging_fingerprint,
-    imaging_report,
-    load_imaging_data,
-    split_by_patient,
-)
 from medfed.client.policy import POLICY_NAME, PolicyError, SitePolicy, load_policy
-from medfed.client.training import DPSettings, evaluate, train_dp
 from medfed.common.atomic import atomic_write_json
 from medfed.common.config import RunSettings
 from medfed.common.ledger import (
@@ -44,8 +41,6 @@ from medfed.common.ledger import (
     spends_for,
 )
 from medfed.common.messages import SITE_ID_KEY, SUPPRESSED_KEY
-from medfed.common.models import build_model
-from medfed.common.params import get_weights, set_weights
 from medfed.common.privacy import (
     ACCOUNTANT,
     Spend,
@@ -55,6 +50,9 @@ from medfed.common.privacy import (
     steps_per_round,
 )
 from medfed.common.tasks import ImagingSpec, get_task_spec
+
+if TYPE_CHECKING:
+    from medfed.client.imaging_data import ImagingData
 
 DATA_REPORT_NAME = "data_report.json"
 
@@ -247,6 +245,10 @@ class Site:
         weights: list[np.ndarray],
     ) -> tuple[list[np.ndarray], int, dict[str, float | int | str]]:
         """Train one round with DP-SGD and record the spend; raise SiteRefusal if declined."""
+        from medfed.client.training import DPSettings, train_dp
+        from medfed.common.models import build_model
+        from medfed.common.params import get_weights, set_weights
+
         prep = self._prepare(settings)
         noise, _ = self._plan(settings, prep, run_id, server_round)
         spec = prep.train.spec
@@ -289,6 +291,10 @@ class Site:
         Metrics are released only when the test split holds at least the policy's
         minimum cohort; otherwise only the site id and the suppression reason leave.
         """
+        from medfed.client.training import evaluate
+        from medfed.common.models import build_model
+        from medfed.common.params import set_weights
+
         try:
             prep = self._prepare(settings)
         except (PolicyError, DataError, LedgerError) as exc:
@@ -326,6 +332,13 @@ class Site:
     def _prepare_imaging(
         self, settings: RunSettings, policy: SitePolicy, spec: ImagingSpec
     ) -> _Prepared:
+        from medfed.client.imaging_data import (
+            imaging_fingerprint,
+            imaging_report,
+            load_imaging_data,
+            split_by_patient,
+        )
+
         data = load_imaging_data(self.data_dir, spec, settings.samples_per_patient)
         self._write_report(imaging_report(data, self.data_dir))
         if policy.require_deidentified and not all(data.identity_removed):

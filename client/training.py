@@ -4,23 +4,28 @@ DP-SGD here is Opacus' PrivacyEngine with Poisson sampling (``DPDataLoader``),
 per-sample clipping to ``max_grad_norm`` and Gaussian noise of ``noise_multiplier``
 times that norm. The spend actually taken is read back from the engine's accountant,
 so the ledger records what Opacus did, not what was planned.
+
+Opacus is imported only by the DP-SGD code: evaluation runs in a fresh ClientApp process
+of its own (one per Flower message) and does not need it.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.validators import ModuleValidator
 from scipy.special import expit
 from sklearn.metrics import accuracy_score, mean_absolute_error, r2_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.common.privacy import Spend
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ def loss_function(binary: bool) -> nn.Module:
 
 def check_dp_compatible(model: nn.Module) -> None:
     """Raise ModelNotPrivateError listing every layer Opacus rejects."""
+    from opacus.validators import ModuleValidator
+
     model.train()
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
@@ -54,6 +61,8 @@ def train_dp(
     model: nn.Module, X: np.ndarray, y: np.ndarray, binary: bool, dp: DPSettings
 ) -> tuple[Spend, float]:
     """Train ``model`` in place with DP-SGD; return the spend taken and the mean loss."""
+    from opacus import PrivacyEngine
+
     check_dp_compatible(model)
     loader = DataLoader(
         TensorDataset(torch.from_numpy(X), torch.from_numpy(y)), batch_size=dp.batch_size

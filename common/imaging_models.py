@@ -71,7 +71,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IMAGING_MODELS = ("cnn2d", "cnn3d")
+from medfed.common.tasks import IMAGING_MODELS
 
 # Default architectures (channels per conv stage). Chosen from the measurements above.
 CNN2D_CHANNELS = (8, 16, 32)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medfed.common.imaging_models import IMAGING_MODELS, build_imaging_model
-
-TABULAR_MODELS = ("logreg", "mlp")
-MODELS = TABULAR_MODELS + IMAGING_MODELS
+from medfed.common.imaging_models import build_imaging_model
+from medfed.common.tasks import MODELS
+from medfed.common.tasks import TABULAR_MODELS as TABULAR_MODELS  # re-exported
 
 
 class LinearModel(nn.Module):

@@ -3,6 +3,9 @@
 The accountant is Opacus' RDP accountant. Its state is a history of
 ``(noise_multiplier, sample_rate, steps)`` triples; a site rebuilds it from its ledger
 before every round, so epsilon composes across rounds, runs and process restarts.
+
+Opacus (and with it torch) is imported only by the functions that run the accountant:
+the ledger and the site import this module in every Flower message's fresh process.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+if TYPE_CHECKING:
+    from opacus.accountants import RDPAccountant
 
 ACCOUNTANT = "rdp"
 
@@ -29,6 +33,8 @@ class Spend:
 
 def rebuild_accountant(spends: Iterable[Spend]) -> RDPAccountant:
     """Return an RDP accountant whose history holds ``spends`` in order."""
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = [(s.noise_multiplier, s.sample_rate, s.steps) for s in spends]
     return accountant
@@ -55,6 +61,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         raise ValueError(f"steps must be positive, got {steps}")
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         noise = get_noise_multiplier(

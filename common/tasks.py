@@ -14,6 +14,11 @@ from typing import Literal
 
 TASKS = ("risk", "rehab", "xray", "ct")
 DATASETS = ("synthetic", "heart-disease")
+# The models :mod:`medfed.common.models` builds. Named here, where nothing needs torch, so
+# that the site policy (read for every Flower message) can list them.
+TABULAR_MODELS = ("logreg", "mlp")
+IMAGING_MODELS = ("cnn2d", "cnn3d")
+MODELS = TABULAR_MODELS + IMAGING_MODELS
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ class TaskSpec:
 
     @property
     def models(self) -> tuple[str, ...]:
-        return ("logreg", "mlp")
+        return TABULAR_MODELS
 
     def required_columns(self) -> list[str]:
         cols = [c.name for c in self.columns] + [self.target.name]

@@ -11,7 +11,6 @@ The SuperNode's own Runtime API, which only its ClientApp processes use, listens
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,18 +58,21 @@ class SiteSettings:
 
 
 def check_site_policy(bundle: SiteBundle, data_dir: Path) -> str:
-    """Make sure ``data_dir`` holds this site's policy; returns what was done.
+    """Make sure ``data_dir`` holds this site's own policy; returns a line to show.
 
-    With no ``site.toml`` the bundle's template is installed (and reported), so the
-    site starts under the consortium's defaults; a policy naming another site is an
-    error, since the ledger and reports would be filed under the wrong id."""
+    Fail closed: with no ``site.toml`` the site does not start, since the policy is the
+    hospital's decision (the bundle's template is a starting point to review and copy).
+    A policy naming another site is an error too, since the ledger and reports would be
+    filed under the wrong id."""
     if not data_dir.is_dir():
         raise DeployError(f"data folder {data_dir} does not exist")
     policy_path = data_dir / POLICY_NAME
-    note = f"site policy: {policy_path}"
     if not policy_path.exists():
-        shutil.copyfile(bundle.policy_template, policy_path)
-        note = f"site policy: installed the bundle's template as {policy_path}; review it"
+        raise DeployError(
+            f"no site policy at {policy_path}: review the consortium's template "
+            f"{bundle.policy_template} and copy it there "
+            f"(cp {bundle.policy_template} {policy_path})"
+        )
     try:
         policy = load_policy(policy_path)
     except PolicyError as exc:
@@ -79,7 +81,10 @@ def check_site_policy(bundle: SiteBundle, data_dir: Path) -> str:
         raise DeployError(
             f"{policy_path}: site_id is {policy.site_id!r} but the bundle is for {bundle.site_id!r}"
         )
-    return note
+    return (
+        f"site policy {policy_path}: epsilon budget {policy.epsilon_budget:g}, "
+        f"secure aggregation {', '.join(policy.allowed_secure_agg)}"
+    )
 
 
 def node_config(settings: SiteSettings) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,6 +80,9 @@ class Consortium:
         return proc
 
     def start_site(self, site: str) -> subprocess.Popen:
+        policy = self.data(site) / "site.toml"
+        if not policy.exists():  # the hospital adopts the consortium's template
+            shutil.copyfile(self.bundle(site) / "site.toml", policy)
         return self.start(
             site,
             "site",
@@ -89,6 +93,15 @@ class Consortium:
             "--runtime-port",
             str(free_port()),
         )
+
+    def start_sites(self) -> None:
+        """Start every site and wait until each SuperNode is connected."""
+        for site in SITES:
+            self.start_site(site)
+        for site in SITES:
+            wait_for(
+                lambda s=site: "SuperNode ID" in self.log(s).read_text(), 180, self.procs[site]
+            )
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Kill ``name`` and every process of its session."""

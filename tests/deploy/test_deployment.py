@@ -47,8 +47,7 @@ def secrets_of(c: Consortium) -> list[str]:
 def test_three_hospitals_complete_a_run_over_tls(consortium: Consortium) -> None:
     c = consortium
     c.start_server()
-    for site in SITES:
-        c.start_site(site)
+    c.start_sites()
     out = c.root / "out"
     done = c.run("--out", str(out), "--rounds", "3", "--min-sites", "3", "--run-name", "r1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -61,6 +60,17 @@ def test_three_hospitals_complete_a_run_over_tls(consortium: Consortium) -> None
     assert (out / "checkpoints" / "round-0003.npz").is_file()
     for site in SITES:
         assert train_rounds(ledger(c.data(site)), "r1") == [1, 2, 3]
+
+    # A run the sites' policies forbid (no secure aggregation) is declined at every site,
+    # with the reason in the coordinator's summary and in each site's ledger.
+    refused = c.run("--out", str(c.root / "out-off"), "--rounds", "1", "--secure-agg", "off")
+    assert refused.returncode == 0, refused.stdout[-3000:] + refused.stderr[-3000:]
+    (only,) = json.loads(refused.stdout)["run"]["rounds"]
+    assert only["status"] == "skipped" and not only["participants"]
+    for site in SITES:
+        assert "secure aggregation 'off' not allowed" in only["declined"][site]
+        (decline,) = [e for e in ledger(c.data(site)) if e["kind"] == "decline"]
+        assert "secure aggregation 'off' not allowed" in decline["reason"]
 
     # Every listener is on 127.0.0.1; logs carry no key material and no patient id.
     listeners = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
@@ -79,8 +89,7 @@ def test_three_hospitals_complete_a_run_over_tls(consortium: Consortium) -> None
 def test_a_site_killed_mid_round_does_not_stop_the_run(consortium: Consortium) -> None:
     c = consortium
     c.start_server()
-    for site in SITES:
-        c.start_site(site)
+    c.start_sites()
     out = c.root / "out"
     run = subprocess.Popen(
         [
@@ -209,8 +218,7 @@ def test_unregistered_revoked_and_plaintext_nodes_are_refused(consortium: Consor
 def test_coordinator_restart_resumes_without_double_counting(consortium: Consortium) -> None:
     c = consortium
     c.start_server()
-    for site in SITES:
-        c.start_site(site)
+    c.start_sites()
     out = c.root / "out"
     args = ["--out", str(out), "--rounds", "3", "--min-sites", "3", "--run-name", "r4"]
     run = subprocess.Popen(
