@@ -97,11 +97,17 @@ def site(
     DATA; only masked model updates and cohort-level metrics leave. Runs until Ctrl-C
     or SIGTERM, and keeps reconnecting while the coordinator is away.
     """
-    from medfed.deploy.supernode import SiteSettings, check_site_policy, run_site
+    from medfed.deploy.supernode import (
+        SiteSettings,
+        check_roster_serial,
+        check_site_policy,
+        run_site,
+    )
 
     try:
         checked = load_site_bundle(bundle)
         _say(check_site_policy(checked, data))
+        check_roster_serial(checked, data)
         settings = SiteSettings(
             bundle=checked,
             data_dir=data.resolve(),

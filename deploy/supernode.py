@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.client.policy import POLICY_NAME, PolicyError, load_policy
+from medfed.common.atomic import atomic_write_text
 from medfed.deploy.processes import (
     DeployError,
     flower_env,
@@ -27,6 +28,7 @@ from medfed.deploy.processes import (
 from medfed.deploy.provision import SiteBundle
 
 RUNTIME_HOST = "127.0.0.1"
+SERIAL_NAME = ".medfed-roster-serial"
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,25 @@ def check_site_policy(bundle: SiteBundle, data_dir: Path) -> str:
         f"site policy {policy_path}: epsilon budget {policy.epsilon_budget:g}, "
         f"secure aggregation {', '.join(policy.allowed_secure_agg)}"
     )
+
+
+def check_roster_serial(bundle: SiteBundle, data_dir: Path) -> None:
+    """Refuse a roster older than the newest this site has run with (a rollback would
+    re-admit a revoked site), and remember the serial of this one."""
+    seen_path = data_dir / SERIAL_NAME
+    seen = 0
+    if seen_path.is_file():
+        try:
+            seen = int(seen_path.read_text(encoding="utf-8").strip())
+        except ValueError:
+            raise DeployError(f"{seen_path}: not a roster serial; delete it to reset") from None
+    if bundle.serial < seen:
+        raise DeployError(
+            f"{bundle.roster}: roster serial {bundle.serial} is older than serial {seen} "
+            "this site already used; install the consortium's current roster.json"
+        )
+    if bundle.serial > seen:
+        atomic_write_text(seen_path, f"{bundle.serial}\n")
 
 
 def node_config(settings: SiteSettings) -> str:

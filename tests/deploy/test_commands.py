@@ -1,0 +1,106 @@
+"""What `medfed server`, `site` and `run` hand to Flower, checked without starting it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from medfed.common.config import RunSettings
+from medfed.deploy.processes import DeployError
+from medfed.deploy.provision import load_server_bundle, load_site_bundle, provision
+from medfed.deploy.submit import app_pyproject, run_config_arg
+from medfed.deploy.superlink import SuperLinkSettings, superlink_command
+from medfed.deploy.supernode import (
+    SiteSettings,
+    check_roster_serial,
+    check_site_policy,
+    node_config,
+    supernode_command,
+)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pki")
+    provision(out, "unit", ["127.0.0.1", "fl.example.org"], ["st-a", "st-b"], 19999)
+    return out
+
+
+def test_superlink_runs_with_tls_node_auth_and_one_address(pki: Path, tmp_path: Path) -> None:
+    bundle = load_server_bundle(pki / "server")
+    settings = SuperLinkSettings(
+        "127.0.0.1", 19999, bundle.server_cert, bundle.server_key, bundle.ca_cert, tmp_path
+    )
+    cmd = superlink_command(settings)
+    assert "--insecure" not in cmd
+    assert "--enable-supernode-auth" in cmd
+    for flag, value in [
+        ("--ssl-certfile", str(bundle.server_cert)),
+        ("--ssl-keyfile", str(bundle.server_key)),
+        ("--ssl-ca-certfile", str(bundle.ca_cert)),
+        ("--host", "127.0.0.1"),
+        ("--port", "19999"),
+        ("--database", str(tmp_path / "superlink.db")),
+    ]:
+        assert cmd[cmd.index(flag) + 1] == value
+
+
+def test_supernode_verifies_tls_and_authenticates(pki: Path, tmp_path: Path) -> None:
+    bundle = load_site_bundle(pki / "sites" / "st-a")
+    settings = SiteSettings(bundle, tmp_path, bundle.superlink, 9123)
+    cmd = supernode_command(settings)
+    assert "--insecure" not in cmd
+    assert cmd[cmd.index("--root-certificates") + 1] == str(bundle.ca_cert)
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(bundle.supernode_key)
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--superlink") + 1] == "127.0.0.1:19999"
+    # Flower parses the node config into the keys medfed's ClientApp reads.
+    parsed = parse_config_args([node_config(settings)])
+    assert parsed == {
+        "data-dir": str(tmp_path.resolve()),
+        "identity-key": str(bundle.identity_key.resolve()),
+        "roster": str(bundle.roster.resolve()),
+        "ca-cert": str(bundle.ca_cert.resolve()),
+    }
+
+
+def test_site_needs_its_own_policy(pki: Path, tmp_path: Path) -> None:
+    bundle = load_site_bundle(pki / "sites" / "st-a")
+    with pytest.raises(DeployError, match=r"no site policy .*cp "):
+        check_site_policy(bundle, tmp_path)
+    other = load_site_bundle(pki / "sites" / "st-b")
+    (tmp_path / "site.toml").write_bytes(other.policy_template.read_bytes())
+    with pytest.raises(DeployError, match="site_id is 'st-b' but the bundle is for 'st-a'"):
+        check_site_policy(bundle, tmp_path)
+    (tmp_path / "site.toml").write_bytes(bundle.policy_template.read_bytes())
+    assert "epsilon budget" in check_site_policy(bundle, tmp_path)
+    with pytest.raises(DeployError, match="does not exist"):
+        check_site_policy(bundle, tmp_path / "missing")
+
+
+def test_site_refuses_an_older_roster(pki: Path, tmp_path: Path) -> None:
+    bundle = load_site_bundle(pki / "sites" / "st-a")
+    check_roster_serial(bundle, tmp_path)
+    (tmp_path / ".medfed-roster-serial").write_text(f"{bundle.serial + 1}\n")
+    with pytest.raises(DeployError, match="older than serial"):
+        check_roster_serial(bundle, tmp_path)
+
+
+def test_app_bundle_declares_every_setting_and_the_installed_apps(tmp_path: Path) -> None:
+    settings = RunSettings(
+        num_rounds=4, out_dir=str(tmp_path / "out"), run_name="study-1", secagg_roster="/r.json"
+    )
+    project = tomllib.loads(app_pyproject(settings))
+    components = project["tool"]["flwr"]["app"]["components"]
+    assert components == {
+        "serverapp": "medfed.server.app:app",
+        "clientapp": "medfed.client.app:app",
+    }
+    config = project["tool"]["flwr"]["app"]["config"]
+    assert set(config) == set(settings.to_flower())
+    assert RunSettings.from_flower(config) == settings
+    # The run config Flower parses from the command line gives back the same settings.
+    assert RunSettings.from_flower(parse_config_args([run_config_arg(settings)])) == settings
