@@ -288,8 +288,10 @@ class Site:
     ) -> tuple[float, int, dict[str, float | int | str]]:
         """Evaluate the global model on the site's test split.
 
-        Metrics are released only when the test split holds at least the policy's
-        minimum cohort; otherwise only the site id and the suppression reason leave.
+        Metrics are released only when the site's policy allows the run (the same
+        check as for training: a run the site declines learns nothing from its data)
+        and the test split holds at least the policy's minimum cohort; otherwise only
+        the site id and the suppression reason leave.
         """
         from medfed.client.training import evaluate
         from medfed.common.models import build_model
@@ -299,11 +301,15 @@ class Site:
             prep = self._prepare(settings)
         except (PolicyError, DataError, LedgerError) as exc:
             return 0.0, 0, {SITE_ID_KEY: self._site_id_or_dir(), SUPPRESSED_KEY: str(exc)}
+        info: dict[str, float | int | str] = {"site-id": prep.policy.site_id}
+        refusal = prep.policy.refusal(settings)
+        if refusal:
+            info[SUPPRESSED_KEY] = f"not evaluated: {refusal}"
+            return 0.0, 0, info
         spec = prep.test.spec
         model = build_model(settings.model, spec.model_input, settings.seed)
         set_weights(model, weights)
         n = len(prep.test)
-        info: dict[str, float | int | str] = {"site-id": prep.policy.site_id}
         if n < prep.policy.min_cohort:
             info[SUPPRESSED_KEY] = f"test split of {n} is below the minimum cohort"
             return 0.0, 0, info

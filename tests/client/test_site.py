@@ -497,6 +497,16 @@ def test_evaluate_suppresses_small_cohort(
     assert not {"auc", "accuracy", "loss"} & set(metrics)
 
 
+def test_evaluate_refuses_a_run_the_policy_forbids(
+    site_dir: Path, settings: RunSettings, weights: list[np.ndarray]
+) -> None:
+    _policy(site_dir, allowed_models=["mlp"])
+    loss, n, metrics = Site(site_dir).evaluate(settings, weights)
+    assert (loss, n) == (0.0, 0)
+    assert "model 'logreg' not allowed" in str(metrics["suppressed"])
+    assert not {"auc", "accuracy", "loss"} & set(metrics)
+
+
 def test_small_cohort_hides_train_loss(
     site_dir: Path, settings: RunSettings, weights: list[np.ndarray]
 ) -> None:
