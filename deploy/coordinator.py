@@ -36,7 +36,6 @@ def serve(
     settings: SuperLinkSettings,
     roster_path: Path,
     report: Callable[[str], None],
-    log_path: Path | None = None,
 ) -> int:
     """Run the SuperLink until SIGINT/SIGTERM (or until it exits); returns an exit status.
 
@@ -51,7 +50,7 @@ def serve(
     settings.state_dir.chmod(0o700)
     write_connection(settings.flwr_home, settings.address, settings.ca)
     with sigterm_as_exit():
-        proc = start(superlink_command(settings), flower_env(settings.flwr_home), log_path)
+        proc = start(superlink_command(settings), flower_env(settings.flwr_home))
         try:
             wait_for_port(settings.host, settings.port, STARTUP_SECONDS, proc)
             report(f"SuperLink listening on {settings.address} (TLS, SuperNode authentication)")
@@ -75,10 +74,17 @@ def _watch(
     report: Callable[[str], None],
 ) -> None:
     """While the SuperLink runs, apply every newer, correctly signed roster."""
-    seen = roster_path.stat().st_mtime_ns
+    seen = mtime = roster_path.stat().st_mtime_ns
     while proc.poll() is None:
         time.sleep(ROSTER_POLL_SECONDS)
-        mtime = roster_path.stat().st_mtime_ns
+        try:
+            mtime = roster_path.stat().st_mtime_ns
+        except OSError as exc:
+            if mtime != -1:
+                report(f"roster unreadable, registrations kept as they are: {exc}")
+            mtime = -1
+            seen = mtime
+            continue
         if mtime == seen:
             continue
         seen = mtime
@@ -90,8 +96,14 @@ def _watch(
         if new.serial < roster.serial:
             report(f"roster not applied: serial {new.serial} is older than {roster.serial}")
             continue
+        try:
+            sync = sync_registrations(settings, new)
+        except DeployError as exc:
+            report(f"roster serial {new.serial} not applied yet, retrying: {exc}")
+            seen = -2
+            continue
         roster = new
-        _report_sync(report, sync_registrations(settings, roster), roster.serial)
+        _report_sync(report, sync, roster.serial)
 
 
 def _report_sync(report: Callable[[str], None], sync: SyncReport, serial: int) -> None:

@@ -3,9 +3,10 @@
 medfed does not implement a transport: ``medfed server`` and ``medfed site`` run Flower's
 ``flower-superlink`` and ``flower-supernode`` with the right TLS, authentication and
 address settings, and ``medfed run`` drives Flower's ``flwr`` CLI. This module holds what
-they share: finding the executables next to the running interpreter, waiting for a
-listener, and stopping a process together with the helpers it spawned (Flower starts a
-SuperExec beside each SuperLink and SuperNode, and one process per ServerApp/ClientApp).
+they share: finding the executables next to the running interpreter, the environment
+Flower runs in, waiting for a listener, and stopping a process (Flower starts a SuperExec
+beside each SuperLink and SuperNode, and one process per ServerApp/ClientApp message;
+those watch their parent and exit with it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -59,44 +60,24 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
     return env
 
 
-def start(
-    command: Sequence[str], env: Mapping[str, str], log_path: Path | None = None
-) -> subprocess.Popen[bytes]:
-    """Start ``command`` in a new session (so :func:`stop` can reach its children)."""
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        out = log_path.open("ab")
-    else:
-        out = None
-    try:
-        return subprocess.Popen(
-            list(command),
-            env=dict(env),
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    finally:
-        if out is not None:
-            out.close()
+def start(command: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """Start ``command`` in this process's group, its output on this one's.
+
+    Staying in the group means that whatever stops the medfed command (Ctrl-C in its
+    terminal, a service manager, ``kill -9`` of the group) stops the Flower process too;
+    Flower's own helpers (SuperExec, app processes) exit when their parent does."""
+    return subprocess.Popen(list(command), env=dict(env), stdin=subprocess.DEVNULL)
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> int | None:
-    """Stop ``proc`` and every process of its session: SIGTERM, then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    """Stop ``proc``: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; its children may still hold the session.
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        break
+            proc.kill()
+            proc.wait(timeout=10.0)
     return proc.poll()
 
 
