@@ -63,12 +63,24 @@ def test_three_hospitals_complete_a_run_over_tls(consortium: Consortium) -> None
 
     # A run the sites' policies forbid (no secure aggregation) is declined at every site,
     # with the reason in the coordinator's summary and in each site's ledger.
-    refused = c.run("--out", str(c.root / "out-off"), "--rounds", "1", "--secure-agg", "off")
+    off_run = ["--out", str(c.root / "off"), "--rounds", "1", "--secure-agg", "off"]
+    refused = subprocess.run(
+        [MEDFED, "run", "--bundle", str(c.server_bundle), *off_run],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert refused.returncode == 0, refused.stdout[-3000:] + refused.stderr[-3000:]
-    (only,) = json.loads(refused.stdout)["run"]["rounds"]
+    # The human summary: the sites' privacy table and every decline with its reason.
+    assert "Sites: privacy spent" in refused.stdout
+    assert "0 of 1 rounds aggregated; run completed." in refused.stdout
+    (only,) = json.loads((c.root / "off" / "run.json").read_text())["rounds"]
     assert only["status"] == "skipped" and not only["participants"]
     for site in SITES:
         assert "secure aggregation 'off' not allowed" in only["declined"][site]
+        line = f"round 1: {site} declined: secure aggregation 'off' not allowed"
+        assert line in refused.stdout
         (decline,) = [e for e in ledger(c.data(site)) if e["kind"] == "decline"]
         assert "secure aggregation 'off' not allowed" in decline["reason"]
 
@@ -220,7 +232,7 @@ def test_coordinator_restart_resumes_without_double_counting(consortium: Consort
     c.start_server()
     c.start_sites()
     out = c.root / "out"
-    args = ["--out", str(out), "--rounds", "3", "--min-sites", "3", "--run-name", "r4"]
+    args = ["--out", str(out), "--rounds", "3", "--min-sites", "2", "--run-name", "r4"]
     run = subprocess.Popen(
         [MEDFED, "run", "--bundle", str(c.server_bundle), "--json", *args],
         stdout=subprocess.PIPE,
@@ -228,8 +240,12 @@ def test_coordinator_restart_resumes_without_double_counting(consortium: Consort
         text=True,
     )
     try:
-        # Kill the coordinator (SuperLink, its ServerApp) once round 2 has been asked.
-        wait_for(lambda: any(e["event"] == "asked" and e["round"] == 2 for e in events(out)), 600)
+        # Kill the coordinator (SuperLink, its ServerApp) while round 2 trains: as soon
+        # as one site has recorded its round-2 spend.
+        wait_for(
+            lambda: any(2 in train_rounds(ledger(c.data(s)), "r4") for s in SITES),
+            900,
+        )
         c.kill("server")
         run.communicate(timeout=120)
     finally:
@@ -253,6 +269,9 @@ def test_coordinator_restart_resumes_without_double_counting(consortium: Consort
         noise = {e["noise_multiplier"] for e in ledger(c.data(site)) if e["kind"] == "train"}
         assert len(noise) == 1
     second = record["rounds"][1]
-    for site, rounds in trained_before.items():
-        if 2 in rounds:  # trained in the interrupted attempt: declines, never retrains
-            assert "already in the ledger" in second["declined"].get(site, ""), second
+    interrupted = [site for site, rounds in trained_before.items() if 2 in rounds]
+    assert interrupted
+    for site in interrupted:  # trained in the interrupted attempt: declines, never retrains
+        assert "already in the ledger" in second["declined"].get(site, ""), second
+        assert site not in second["participants"]
+    assert record["rounds"][2]["status"] == "aggregated"
