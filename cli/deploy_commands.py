@@ -17,9 +17,9 @@ from rich.console import Console
 
 from medfed.common.atomic import atomic_write_json
 from medfed.common.config import ConfigError, RunSettings
+from medfed.deploy.bundles import BundleError, load_server_bundle, load_site_bundle
 from medfed.deploy.pki import CertificateError
 from medfed.deploy.processes import DeployError
-from medfed.deploy.provision import BundleError, load_server_bundle, load_site_bundle
 from medfed.deploy.roster import RosterSignatureError
 
 console = Console()

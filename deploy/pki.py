@@ -181,6 +181,45 @@ def _consortium_of(ca_cert: x509.Certificate) -> str | None:
     return str(values[0].value) if values else None
 
 
+def _leaf_builder(
+    subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey | Ed25519PublicKey,
+    ca_cert: x509.Certificate,
+    days: int,
+    *,
+    key_agreement: bool,
+) -> x509.CertificateBuilder:
+    """An end-entity certificate issued by the CA: not a CA, signing (and, for TLS, key
+    agreement) only, with key identifiers that chain it to the CA."""
+    not_before, not_after = _validity(ca_cert, days)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=key_agreement,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(_ski(public_key), critical=False)
+        .add_extension(_aki(ca_cert), critical=False)
+    )
+
+
 def issue_server_certificate(
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
@@ -205,34 +244,10 @@ def issue_server_certificate(
     for host in dict.fromkeys(checked):
         address = _ip(host)
         alt_names.append(x509.IPAddress(address) if address else x509.DNSName(host))
-    not_before, not_after = _validity(ca_cert, days)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(attributes))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _leaf_builder(x509.Name(attributes), key.public_key(), ca_cert, days, key_agreement=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        .add_extension(_ski(key.public_key()), critical=False)
-        .add_extension(_aki(ca_cert), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     return key, cert
@@ -260,33 +275,8 @@ def issue_identity_certificate(
             x509.NameAttribute(NameOID.COMMON_NAME, site_id),
         ]
     )
-    not_before, not_after = _validity(ca_cert, days)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(_ski(public_key), critical=False)
-        .add_extension(_aki(ca_cert), critical=False)
-        .sign(ca_key, hashes.SHA384())
+    return _leaf_builder(subject, public_key, ca_cert, days, key_agreement=False).sign(
+        ca_key, hashes.SHA384()
     )
 
 

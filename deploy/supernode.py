@@ -17,6 +17,7 @@ from pathlib import Path
 
 from medfed.client.policy import POLICY_NAME, PolicyError, load_policy
 from medfed.common.atomic import atomic_write_text
+from medfed.deploy.bundles import SiteBundle
 from medfed.deploy.processes import (
     DeployError,
     flower_env,
@@ -25,7 +26,6 @@ from medfed.deploy.processes import (
     start,
     stop,
 )
-from medfed.deploy.provision import SiteBundle
 
 RUNTIME_HOST = "127.0.0.1"
 SERIAL_NAME = ".medfed-roster-serial"

@@ -9,8 +9,9 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from medfed.common.config import RunSettings
+from medfed.deploy.bundles import load_server_bundle, load_site_bundle
 from medfed.deploy.processes import DeployError
-from medfed.deploy.provision import load_server_bundle, load_site_bundle, provision
+from medfed.deploy.provision import provision
 from medfed.deploy.submit import app_pyproject, run_config_arg
 from medfed.deploy.superlink import SuperLinkSettings, superlink_command
 from medfed.deploy.supernode import (

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from medfed.cli.main import app
 from medfed.client.policy import load_policy
 from medfed.common.secagg.identity import Roster, load_identity, public_key_bytes
+from medfed.deploy.bundles import BundleError, load_server_bundle, load_site_bundle
 from medfed.deploy.pki import (
     ProvisionError,
     certificate_pem,
@@ -22,14 +23,7 @@ from medfed.deploy.pki import (
     load_ca_certificate,
     verify_certificate_signed_by,
 )
-from medfed.deploy.provision import (
-    BundleError,
-    add_site,
-    load_server_bundle,
-    load_site_bundle,
-    provision,
-    revoke_site,
-)
+from medfed.deploy.provision import add_site, provision, revoke_site
 from medfed.deploy.roster import RosterSignatureError, UnknownSiteError, load_signed_roster
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
