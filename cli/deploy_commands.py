@@ -161,7 +161,19 @@ def run(
     out_dir = (out or Path("medfed-runs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")).resolve()
     try:
         checked = load_server_bundle(bundle)
-        settings = _run_settings(locals(), out_dir, checked.roster.resolve())
+        opts = {
+            "task": task,
+            "dataset": dataset,
+            "model": model,
+            "rounds": rounds,
+            "epsilon": epsilon,
+            "delta": delta,
+            "min_sites": min_sites,
+            "secure_agg": secure_agg,
+            "run_name": run_name,
+            "resume": resume,
+        }
+        settings = _run_settings(opts, out_dir, checked.roster.resolve())
         flwr_home = out_dir / ".flwr-home"
         write_connection(flwr_home, superlink or checked.address, checked.ca_cert)
         if not json_out:

@@ -362,15 +362,20 @@ def write_public_file(path: Path, data: bytes) -> None:
     os.chmod(path, 0o644)
 
 
+def _read(path: Path, what: str, error: type[ValueError]) -> bytes:
+    """The bytes of ``path``; ``error`` naming ``what`` and the file if it is unreadable."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
 def load_certificate(path: Path, what: str = "certificate") -> x509.Certificate:
     """Read one PEM certificate; :class:`CertificateError` naming the file."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CertificateError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise CertificateError(f"cannot read {what} {path}: {exc.strerror}") from None
+    data = _read(path, what, CertificateError)
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
@@ -398,12 +403,7 @@ def load_ca_certificate(path: Path) -> x509.Certificate:
 def load_ec_private_key(path: Path, what: str = "private key") -> ec.EllipticCurvePrivateKey:
     """Read an unencrypted PEM EC private key; :class:`ProvisionError` naming the file."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ProvisionError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise ProvisionError(f"cannot read {what} {path}: {exc.strerror}") from None
+    data = _read(path, what, ProvisionError)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:

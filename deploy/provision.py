@@ -449,6 +449,30 @@ def _bundle_rosters(con: _Consortium, roster: ConsortiumRoster) -> list[Path]:
     return paths
 
 
+def _publish(
+    con: _Consortium,
+    updated: ConsortiumRoster,
+    action: str,
+    site: SiteEntry,
+    written: list[Path] | None = None,
+    reason: str = "",
+) -> RosterUpdate:
+    """Sign ``updated`` and write it into every bundle and the master copy."""
+    rosters = _bundle_rosters(con, updated)
+    _write_rosters(updated, con.ca_key, rosters)
+    return RosterUpdate(
+        action=action,
+        out_dir=con.out_dir,
+        consortium=con.name,
+        site=site,
+        serial=updated.serial,
+        active_sites=updated.site_names,
+        updated_rosters=rosters,
+        written=list(written or []),
+        reason=reason,
+    )
+
+
 def add_site(out_dir: Path, site_id: str, force: bool = False) -> RosterUpdate:
     """Enrol one more site: a new bundle in ``OUT/sites/<ID>`` with node id one above
     every id ever issued, and the roster (next serial) in every bundle.
@@ -486,18 +510,8 @@ def add_site(out_dir: Path, site_id: str, force: bool = False) -> RosterUpdate:
         new.supernode_key,
         con.ca_cert,
     )
-    rosters = _bundle_rosters(con, updated)
-    _write_rosters(updated, con.ca_key, rosters)
-    return RosterUpdate(
-        action="add-site",
-        out_dir=con.out_dir,
-        consortium=con.name,
-        site=SiteEntry(site_id, new.entry.node_id, site_dir),
-        serial=updated.serial,
-        active_sites=updated.site_names,
-        updated_rosters=rosters,
-        written=writer.written,
-    )
+    entry = SiteEntry(site_id, new.entry.node_id, site_dir)
+    return _publish(con, updated, "add-site", entry, written=writer.written)
 
 
 def revoke_site(out_dir: Path, site_id: str, reason: str = "") -> RosterUpdate:
@@ -518,16 +532,5 @@ def revoke_site(out_dir: Path, site_id: str, reason: str = "") -> RosterUpdate:
             f"unknown site {site_id!r} in {con.out_dir / ROSTER_NAME}; known sites: {known}"
         )
     node_id = roster.site(site_id).node_id
-    updated = roster.with_revoked(site_id, reason)
-    rosters = _bundle_rosters(con, updated)
-    _write_rosters(updated, con.ca_key, rosters)
-    return RosterUpdate(
-        action="revoke-site",
-        out_dir=con.out_dir,
-        consortium=con.name,
-        site=SiteEntry(site_id, node_id, con.out_dir / SITES_DIR / site_id),
-        serial=updated.serial,
-        active_sites=updated.site_names,
-        updated_rosters=rosters,
-        reason=reason,
-    )
+    entry = SiteEntry(site_id, node_id, con.out_dir / SITES_DIR / site_id)
+    return _publish(con, roster.with_revoked(site_id, reason), "revoke-site", entry, reason=reason)

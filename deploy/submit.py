@@ -10,7 +10,11 @@ drops run-config keys an app does not declare).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -106,14 +110,27 @@ def submit(
         start_new_session=True,
     )
     assert proc.stdout is not None
+    # The log stream blocks while the run is quiet, so the time limit is a watchdog.
+    expired = threading.Event()
+
+    def _expire() -> None:
+        expired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its whole session: nothing holds the pipe
+
+    watchdog = threading.Timer(timeout, _expire) if timeout is not None else None
+    if watchdog is not None:
+        watchdog.start()
     try:
         for line in proc.stdout:
             on_line(line.rstrip("\n"))
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise DeployError(f"flwr run did not finish within {timeout:.0f} s") from None
+        status = proc.wait()
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    if expired.is_set():
+        raise DeployError(f"flwr run did not finish within {timeout:.0f} s")
+    return status

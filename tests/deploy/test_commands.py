@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
 from flwr.common.config import parse_config_args
 
+import medfed.deploy.submit as submit_module
 from medfed.common.config import RunSettings
 from medfed.deploy.bundles import load_server_bundle, load_site_bundle
 from medfed.deploy.processes import DeployError
@@ -105,3 +107,19 @@ def test_app_bundle_declares_every_setting_and_the_installed_apps(tmp_path: Path
     assert RunSettings.from_flower(config) == settings
     # The run config Flower parses from the command line gives back the same settings.
     assert RunSettings.from_flower(parse_config_args([run_config_arg(settings)])) == settings
+
+
+def test_run_submission_is_stopped_at_its_time_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet log stream does not outlive `medfed run --timeout` (a stand-in `flwr`)."""
+    fake = tmp_path / "flwr"
+    fake.write_text("#!/bin/sh\necho started\nsleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(submit_module, "flower_executable", lambda name: str(fake))
+    lines: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(DeployError, match="did not finish within 1 s"):
+        submit_module.submit(RunSettings(), tmp_path / "app", tmp_path / "home", lines.append, 1)
+    assert lines == ["started"]
+    assert time.monotonic() - started < 30
