@@ -304,7 +304,7 @@ def _write_identities(site_dirs: list[Path], root: Path) -> None:
     except (ValueError, OSError) as exc:
         fail(f"cannot write secure-aggregation identities: {exc}")
     console.print(
-        f"{root / SIM_ROSTER_NAME}: roster of {len(roster.keys)} fresh site identities "
+        f"{root / SIM_ROSTER_NAME}: roster of {len(roster.keys)} site identities "
         "(each site's key in its folder)"
     )
 
@@ -315,9 +315,10 @@ def synth_identities(
         ..., "--data-dir", help="Folder holding the site folders site-0, site-1, ..."
     ),
 ) -> None:
-    """Write fresh secure-aggregation identities for simulated sites (for `flwr run .`).
+    """Write identities for simulated sites (for `flwr run .`).
 
-    Each site-<i> folder gets a new Ed25519 key (site-identity.pem, mode 0600) and
+    Each site-<i> folder without one gets a new Ed25519 key (site-identity.pem, mode
+    0600; an existing key is kept: it signs the site's privacy ledger) and
     DATA_DIR/roster.json lists their public keys. `medfed simulate` does this itself
     before every run; in a deployment the consortium issues identities instead.
     """

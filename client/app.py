@@ -47,6 +47,7 @@ from medfed.client.site_identity import (
     load_site_identity,
 )
 from medfed.common.config import RunSettings
+from medfed.common.ledger import LedgerError
 from medfed.common.messages import ACCEPT_KEY, REASON_KEY, ROUND_KEY, SECAGG_ID_KEY
 from medfed.common.secagg import wire
 
@@ -85,6 +86,10 @@ class SiteClient(NumPyClient):
             )
             self.site.record_decline(decision, self.run_id, server_round)
         reply = decision.to_config()
+        try:
+            reply.update(self.site.ledger_head())
+        except LedgerError:
+            pass  # the decision already declines, naming the ledger problem
         if decision.accept and self.settings.secure_agg == "medfed" and self.identity:
             try:
                 reply[SECAGG_ID_KEY] = self.identity().node_id
@@ -116,6 +121,19 @@ def resolve_data_dir(node_config: Mapping[str, Any], settings: RunSettings) -> P
     if "partition-id" in node_config:
         return Path(settings.data_root) / f"site-{int(node_config['partition-id'])}"
     raise ValueError("node config has neither 'data-dir' nor 'partition-id'")
+
+
+def ledger_key(context: Context) -> Path | None:
+    """The key that signs the site's ledger: the enrolled identity key in a deployment
+    (node config ``identity-key``), else the data directory's own (see :class:`Site`)."""
+    if "data-dir" not in context.node_config:
+        return None
+    if "identity-key" not in context.node_config:
+        raise IdentityConfigError(
+            "the site signs its privacy ledger with its identity key: node config lacks "
+            "'identity-key'"
+        )
+    return Path(str(context.node_config["identity-key"]))
 
 
 def site_identity(context: Context, settings: RunSettings) -> SiteIdentity:
@@ -189,7 +207,7 @@ def build_client_app(
 
         torch.set_num_threads(1)
         settings = RunSettings.from_flower({**base, **dict(context.run_config)})
-        site = Site(resolve_data_dir(context.node_config, settings))
+        site = Site(resolve_data_dir(context.node_config, settings), ledger_key(context))
         return SiteClient(
             site,
             settings,

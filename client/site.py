@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from medfed.client.data import (
     DataError,
@@ -31,16 +32,24 @@ from medfed.client.data import (
 )
 from medfed.client.policy import POLICY_NAME, PolicyError, SitePolicy, load_policy
 from medfed.common.atomic import atomic_write_json
-from medfed.common.config import RunSettings
+from medfed.common.config import SIM_IDENTITY_NAME, RunSettings
 from medfed.common.ledger import (
     LEDGER_NAME,
     LedgerEntry,
     LedgerError,
     append_entry,
+    ledger_head,
     read_ledger,
     spends_for,
 )
-from medfed.common.messages import SITE_ID_KEY, SUPPRESSED_KEY
+from medfed.common.messages import (
+    LEDGER_ENTRY_KEY,
+    LEDGER_HEAD_KEY,
+    LEDGER_LENGTH_KEY,
+    SITE_ID_KEY,
+    SUPPRESSED_KEY,
+)
+from medfed.common.secagg.identity import generate_identity, load_identity, save_identity
 from medfed.common.privacy import (
     ACCOUNTANT,
     Spend,
@@ -99,6 +108,7 @@ class _Prepared:
     all_data: SiteData | ImagingData
     fingerprint: str
     entries: list[LedgerEntry]
+    key: Ed25519PrivateKey
 
     @property
     def samples_per_patient(self) -> int:
@@ -109,13 +119,32 @@ class Site:
     """A hospital's data directory: ``site.toml``, ``ledger.jsonl`` and the data.
 
     The data is ``clinical.csv`` for the tabular tasks, ``dicom/`` and ``labels.csv``
-    for the imaging tasks.
+    for the imaging tasks. Ledger entries are signed with the site's Ed25519 identity
+    key: ``identity_key`` (a deployment's enrolled key, which must exist), else
+    ``site-identity.pem`` in the data directory, created on first use (a simulation or
+    a stand-alone site). A key that cannot be read means no training (fail closed).
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, identity_key: Path | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.ledger_path = self.data_dir / LEDGER_NAME
         self.policy_path = self.data_dir / POLICY_NAME
+        self.identity_path = Path(identity_key or self.data_dir / SIM_IDENTITY_NAME)
+        self._create_key = identity_key is None
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The key that signs this site's ledger entries; LedgerError if unusable."""
+        if self._create_key and not self.identity_path.exists():
+            save_identity(self.identity_path, generate_identity())
+        try:
+            return load_identity(self.identity_path)
+        except (OSError, ValueError) as exc:
+            raise LedgerError(f"cannot sign ledger entries: {exc}") from None
+
+    def ledger_head(self) -> dict[str, int | str]:
+        """The ledger's length and last hash, for the coordinator's signed round record."""
+        length, head = ledger_head(read_ledger(self.ledger_path))
+        return {LEDGER_LENGTH_KEY: length, LEDGER_HEAD_KEY: head}
 
     # -- decisions -------------------------------------------------------------------
     def decide(self, settings: RunSettings, run_id: str, server_round: int) -> Decision:
@@ -247,7 +276,7 @@ class Site:
         """Train one round with DP-SGD and record the spend; raise SiteRefusal if declined."""
         from medfed.client.training import DPSettings, train_dp
         from medfed.common.models import build_model
-        from medfed.common.params import get_weights, set_weights
+        from medfed.common.params import get_weights, set_weights, weights_digest
 
         prep = self._prepare(settings)
         noise, _ = self._plan(settings, prep, run_id, server_round)
@@ -261,10 +290,20 @@ class Site:
             local_epochs=settings.local_epochs,
             learning_rate=settings.learning_rate,
         )
-        spend, loss = train_dp(model, prep.train.X, prep.train.y, spec.is_binary, dp)
+        evidence = self._evidence(prep, spec)
+        spend, loss = train_dp(model, prep.train.X, prep.train.y, spec.is_binary, dp, evidence)
         history = [*spends_for(prep.entries, prep.fingerprint), spend]
         epsilon = epsilon_of(history, prep.policy.delta)
-        self._record(prep, run_id, server_round, spend, epsilon, settings.max_grad_norm)
+        written = self._record(
+            prep,
+            run_id,
+            server_round,
+            spend,
+            epsilon,
+            settings.max_grad_norm,
+            model_in=weights_digest(weights),
+            evidence=evidence,
+        )
         if epsilon > prep.policy.epsilon_budget * (1 + 1e-9):
             # Recorded (never under-count), but the update is not released.
             raise SiteRefusal(
@@ -278,6 +317,8 @@ class Site:
             "noise-multiplier": spend.noise_multiplier,
             "records-used": len(prep.all_data),
             "records-skipped": len(prep.all_data.skipped),
+            LEDGER_ENTRY_KEY: written.entry_hash,
+            LEDGER_LENGTH_KEY: len(prep.entries) + 1,
         }
         if len(prep.train) >= prep.policy.min_cohort:
             metrics["train-loss"] = loss
@@ -333,7 +374,9 @@ class Site:
         self._write_data_report(data)
         train, test = split_train_test(data, settings.test_fraction, settings.seed)
         entries = read_ledger(self.ledger_path)
-        return _Prepared(policy, train, test, data, fingerprint(train), entries)
+        return _Prepared(
+            policy, train, test, data, fingerprint(train), entries, self.signing_key()
+        )
 
     def _prepare_imaging(
         self, settings: RunSettings, policy: SitePolicy, spec: ImagingSpec
@@ -355,7 +398,25 @@ class Site:
             )
         train, test = split_by_patient(data, settings.test_fraction, settings.seed)
         entries = read_ledger(self.ledger_path)
-        return _Prepared(policy, train, test, data, imaging_fingerprint(train), entries)
+        return _Prepared(
+            policy, train, test, data, imaging_fingerprint(train), entries, self.signing_key()
+        )
+
+    @staticmethod
+    def _evidence(prep: _Prepared, spec: object) -> dict[str, str | int | float | bool]:
+        """What the site attests besides the mechanism: split, scaling, cohort rule."""
+        overlap = len(set(prep.train.ids) & set(prep.test.ids))
+        scaling = (
+            "images: fixed VOI window and size from the task definition"
+            if isinstance(spec, ImagingSpec)
+            else "features: fixed public clinical ranges from the task schema"
+        )
+        return {
+            "train_test_patient_overlap": overlap,
+            "split": "by patient, seeded, before training",
+            "normalisation": f"{scaling}; nothing fitted on site data",
+            "min_cohort": prep.policy.min_cohort,
+        }
 
     def _record(
         self,
@@ -365,7 +426,9 @@ class Site:
         spend: Spend,
         epsilon: float,
         max_grad_norm: float,
-    ) -> None:
+        model_in: str,
+        evidence: dict[str, str | int | float | bool],
+    ) -> LedgerEntry:
         entry = LedgerEntry(
             kind="train",
             site_id=prep.policy.site_id,
@@ -383,8 +446,11 @@ class Site:
             samples_per_patient=prep.samples_per_patient,
             reason="",
             timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
+            epsilon_budget=prep.policy.epsilon_budget,
+            model_sha256_in=model_in,
+            evidence=evidence,
         )
-        append_entry(self.ledger_path, entry)
+        return append_entry(self.ledger_path, entry, prep.key)
 
     def record_decline(self, decision: Decision, run_id: str, server_round: int) -> None:
         """Write a declined round to the ledger (when the ledger itself is readable).
@@ -395,6 +461,7 @@ class Site:
         """
         try:
             entries = read_ledger(self.ledger_path)
+            key = self.signing_key()
         except LedgerError:
             return
         if any(e.run_id == run_id and e.round == server_round for e in entries):
@@ -416,8 +483,9 @@ class Site:
             samples_per_patient=1,
             reason=decision.reason,
             timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
+            epsilon_budget=decision.epsilon_budget,
         )
-        append_entry(self.ledger_path, entry)
+        append_entry(self.ledger_path, entry, key)
 
     def _write_data_report(self, data: SiteData) -> None:
         """Site-local record of used and skipped rows (stays at the site)."""

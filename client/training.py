@@ -58,12 +58,22 @@ def check_dp_compatible(model: nn.Module) -> None:
 
 
 def train_dp(
-    model: nn.Module, X: np.ndarray, y: np.ndarray, binary: bool, dp: DPSettings
+    model: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    binary: bool,
+    dp: DPSettings,
+    evidence: dict[str, str | int | float | bool] | None = None,
 ) -> tuple[Spend, float]:
-    """Train ``model`` in place with DP-SGD; return the spend taken and the mean loss."""
+    """Train ``model`` in place with DP-SGD; return the spend taken and the mean loss.
+
+    ``evidence``, when given, is filled with what was observed of the mechanism (the
+    sampler Opacus built, the noise generator, the model check) for the signed ledger.
+    """
     from opacus import PrivacyEngine
 
     check_dp_compatible(model)
+    batch_norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     loader = DataLoader(
         TensorDataset(torch.from_numpy(X), torch.from_numpy(y)), batch_size=dp.batch_size
     )
@@ -86,6 +96,8 @@ def train_dp(
         )
         losses = _run_epochs(private_model, private_opt, private_loader, criterion, dp)
     spend = _spend_taken(engine)
+    if evidence is not None:
+        evidence.update(_mechanism_evidence(private_opt, private_loader, batch_norms))
     return spend, float(np.mean(losses)) if losses else float("nan")
 
 
@@ -103,6 +115,28 @@ def _run_epochs(model, optimizer, loader, criterion, dp: DPSettings) -> list[flo
             if len(xb):
                 losses.append(float(loss.detach()))
     return losses
+
+
+def _mechanism_evidence(optimizer, loader, batch_norms: int) -> dict[str, str | int | bool]:
+    """What Opacus actually built: Poisson sampler, noise generator, no BatchNorm."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sampler = getattr(loader, "batch_sampler", None)
+    poisson = isinstance(sampler, UniformWithReplacementSampler)
+    secure = bool(getattr(optimizer, "secure_mode", False))
+    return {
+        "sampler": type(sampler).__name__,
+        "poisson_sampling": poisson,
+        "sample_rate_sampler": float(getattr(sampler, "sample_rate", 0.0)) if poisson else 0.0,
+        "noise_secure_rng": secure,
+        "noise_generator": (
+            "torchcsprng /dev/urandom (Opacus secure_mode)"
+            if secure
+            else "torch default generator (Mersenne Twister), Opacus secure_mode off"
+        ),
+        "batchnorm_layers": batch_norms,
+        "module_validator": "Opacus ModuleValidator: no errors",
+    }
 
 
 def _spend_taken(engine: PrivacyEngine) -> Spend:

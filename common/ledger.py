@@ -1,28 +1,40 @@
-"""The site privacy ledger: an append-only, hash-chained JSON Lines file.
+"""The site privacy ledger: an append-only, hash-chained, signed JSON Lines file.
 
 Each line is one :class:`LedgerEntry`. ``prev_hash`` holds the hash of the line before
 (``GENESIS`` for the first) and ``entry_hash`` the SHA-256 of the entry's canonical JSON
-without ``entry_hash``, so an edit, deletion, insertion or reordering breaks the chain.
-The ledger is the accountant's state: whoever reads it can recompute every epsilon from
-the raw parameters it records. Anything unreadable raises :class:`LedgerError`, and a
-site that cannot read its ledger does not train (fail closed).
+without ``entry_hash`` and ``signature``, so an edit, deletion, insertion or reordering
+breaks the chain; ``signature`` is the site's Ed25519 identity key's signature over the
+entry hash (:mod:`medfed.common.signed_log`), so nobody without that key can rewrite the
+ledger and re-chain it. The ledger is the accountant's state: whoever reads it can
+recompute every epsilon from the raw parameters it records. Anything unreadable raises
+:class:`LedgerError`, and a site that cannot read its ledger does not train (fail closed).
+Signatures are checked by the audit (:mod:`medfed.audit.verify`), which knows the keys.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from medfed.common.atomic import atomic_write_bytes
 from medfed.common.privacy import ACCOUNTANT, Spend, epsilon_of
+from medfed.common.signed_log import (
+    GENESIS,
+    entry_hash,
+    key_id,
+    sign_hash,
+    signature_valid,
+)
 
 LEDGER_NAME = "ledger.jsonl"
-LEDGER_VERSION = 1
-GENESIS = "0" * 64
+LEDGER_VERSION = 2
+LEDGER_TAG = b"medfed-ledger-entry-v2\0"
+"""Domain separation: a site's signature over a ledger entry means nothing else."""
 EPSILON_TOLERANCE = 1e-6
 
 
@@ -56,7 +68,16 @@ class LedgerEntry:
         Why a round was declined (empty for ``train``).
     timestamp : str
         UTC ISO-8601 time of writing.
+    epsilon_budget : float
+        The site's lifetime budget (policy) when the entry was written.
+    model_sha256_in : str
+        Hash of the global model the site trained from (``train``; empty otherwise), to
+        be matched with the coordinator's round records.
+    evidence : dict
+        What the site attests about the mechanism it ran (sampling, noise generator,
+        model check, normalisation, train/test overlap, minimum cohort); scalars only.
     prev_hash, entry_hash : the chain.
+    signer, signature : the signing key's id and its Ed25519 signature over the hash.
     """
 
     kind: Literal["train", "decline"]
@@ -75,17 +96,26 @@ class LedgerEntry:
     samples_per_patient: int
     reason: str
     timestamp: str
+    epsilon_budget: float = 0.0
+    model_sha256_in: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)
     version: int = LEDGER_VERSION
     prev_hash: str = GENESIS
     entry_hash: str = ""
+    signer: str = ""
+    signature: str = ""
 
     def spend(self) -> Spend:
         return Spend(self.noise_multiplier, self.sample_rate, self.steps)
 
     def compute_hash(self) -> str:
-        body = {k: v for k, v in asdict(self).items() if k != "entry_hash"}
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return entry_hash(asdict(self))
+
+    def signed_by(self, public_key: Ed25519PublicKey) -> bool:
+        """Whether ``public_key`` is the entry's signer and its signature is valid."""
+        return self.signer == key_id(public_key) and signature_valid(
+            public_key, LEDGER_TAG, self.entry_hash, self.signature
+        )
 
 
 _FIELDS = {f.name for f in fields(LedgerEntry)}
@@ -128,6 +158,11 @@ def _parse_line(path: Path, lineno: int, line: str) -> LedgerEntry:
         raise LedgerError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(raw, dict):
         raise LedgerError(f"{path}:{lineno}: expected a JSON object")
+    if raw.get("version") != LEDGER_VERSION:
+        raise LedgerError(
+            f"{path}:{lineno}: ledger version {raw.get('version')!r} is not supported "
+            f"(this medfed reads and writes version {LEDGER_VERSION}: signed entries)"
+        )
     missing = _FIELDS - raw.keys()
     unknown = raw.keys() - _FIELDS
     if missing or unknown:
@@ -135,6 +170,10 @@ def _parse_line(path: Path, lineno: int, line: str) -> LedgerEntry:
             f"{path}:{lineno}: missing fields {sorted(missing)}, unknown {sorted(unknown)}"
         )
     for name, value in raw.items():
+        if name == "evidence":
+            if not _scalar_mapping(value):
+                raise LedgerError(f"{path}:{lineno}: field 'evidence' should map names to scalars")
+            continue
         expected = _TYPES[name]
         if isinstance(value, bool) or not isinstance(value, expected):
             raise LedgerError(
@@ -145,8 +184,6 @@ def _parse_line(path: Path, lineno: int, line: str) -> LedgerEntry:
     bad = _range_problem(raw)
     if bad:
         raise LedgerError(f"{path}:{lineno}: {bad}")
-    if raw["version"] != LEDGER_VERSION:
-        raise LedgerError(f"{path}:{lineno}: unsupported ledger version {raw['version']}")
     if raw["accountant"] != ACCOUNTANT:
         raise LedgerError(f"{path}:{lineno}: unknown accountant {raw['accountant']!r}")
     try:
@@ -159,6 +196,12 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     f.name: {"int": int, "float": (int, float), "str": str}.get(str(f.type), str)
     for f in fields(LedgerEntry)
 }
+
+
+def _scalar_mapping(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str | int | float | bool) for k, v in value.items()
+    )
 
 
 def _type_name(expected: type | tuple[type, ...]) -> str:
@@ -202,25 +245,30 @@ def spends_for(entries: list[LedgerEntry], fingerprint: str) -> list[Spend]:
     ]
 
 
-def append_entry(path: Path, entry: LedgerEntry) -> LedgerEntry:
-    """Chain ``entry`` to the ledger at ``path`` and write it atomically.
+def ledger_head(entries: list[LedgerEntry]) -> tuple[int, str]:
+    """(number of entries, hash of the last one): what a site tells the coordinator."""
+    return len(entries), entries[-1].entry_hash if entries else GENESIS
+
+
+def append_entry(path: Path, entry: LedgerEntry, key: Ed25519PrivateKey) -> LedgerEntry:
+    """Chain ``entry`` to the ledger at ``path``, sign it with ``key``, write atomically.
 
     The whole file is rewritten to a temporary file in the same folder and renamed over
     the old one, so a crash leaves either the old ledger or the new one, never half a
-    line. Returns the entry as written (with its hashes).
+    line. Returns the entry as written (with its hashes and signature).
     """
     entries = read_ledger(path)
     prev = entries[-1].entry_hash if entries else GENESIS
-    chained = _with_hash(entry, prev)
+    chained = _signed(entry, prev, key)
     old = path.read_bytes() if path.exists() else b""
     line = json.dumps(asdict(chained), sort_keys=True) + "\n"
     atomic_write_bytes(path, old + line.encode())
     return chained
 
 
-def _with_hash(entry: LedgerEntry, prev: str) -> LedgerEntry:
+def _signed(entry: LedgerEntry, prev: str, key: Ed25519PrivateKey) -> LedgerEntry:
     data = asdict(entry)
-    data.update(prev_hash=prev, entry_hash="")
-    unhashed = LedgerEntry(**data)
-    data["entry_hash"] = unhashed.compute_hash()
+    data.update(prev_hash=prev, signer=key_id(key), entry_hash="", signature="")
+    digest = entry_hash(data)
+    data.update(entry_hash=digest, signature=sign_hash(key, LEDGER_TAG, digest))
     return LedgerEntry(**data)

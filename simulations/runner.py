@@ -151,8 +151,8 @@ def run(
             f"{len(site_dirs)} site(s) under {settings.data_root}, at least "
             f"{settings.min_sites} needed"
         )
-    if settings.secure_agg == "medfed":
-        write_simulation_identities(site_dirs, settings.roster_path())
+    # Every site signs its ledger with its identity key, whatever the secure aggregation.
+    write_simulation_identities(site_dirs, settings.roster_path())
     started = time.time()
     watcher = _EventWatcher(out_dir / EVENTS_NAME, on_event) if on_event else None
     try:

@@ -13,17 +13,25 @@ from medfed.common.ledger import (
     LEDGER_NAME,
     LedgerEntry,
     LedgerError,
-    append_entry,
     read_ledger,
     spends_for,
 )
+from medfed.common.ledger import append_entry as append_signed
 from medfed.common.privacy import Spend, epsilon_of
+from medfed.common.secagg.identity import generate_identity
 
 DELTA = 1e-5
 FP_A = "a" * 64
 FP_B = "b" * 64
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+SITE_KEY = generate_identity()
+
+
+def append_entry(path: Path, entry: LedgerEntry) -> LedgerEntry:
+    """Append signed with the test site's key (signatures are checked in tests/audit)."""
+    return append_signed(path, entry, SITE_KEY)
 
 
 def _entry(
@@ -292,3 +300,20 @@ def test_wrongly_typed_field_raises_ledger_error(tmp_path: Path) -> None:
     raw = _rehash({**good, "noise_multiplier": "1.1"})
     _write_lines(path, [json.dumps(raw, sort_keys=True)])
     _raises_at(path, 1)
+
+
+def test_entries_are_signed_by_the_site_key(ledger: tuple[Path, list[LedgerEntry]]) -> None:
+    path, written = ledger
+    other = generate_identity()
+    for entry in read_ledger(path):
+        assert entry.signed_by(SITE_KEY.public_key())
+        assert not entry.signed_by(other.public_key())
+    forged = replace(written[0], signature=other.sign(b"x").hex())
+    assert not forged.signed_by(SITE_KEY.public_key())
+
+
+def test_version_one_ledger_is_refused_with_its_version(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_NAME
+    path.write_text(json.dumps({"version": 1, "kind": "train"}) + "\n", encoding="utf-8")
+    with pytest.raises(LedgerError, match="version 1 is not supported"):
+        read_ledger(path)

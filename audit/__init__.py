@@ -1,0 +1,1 @@
+"""Privacy-budget audits: verify signed ledgers and round records, report, audit empirically."""
