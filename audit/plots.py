@@ -94,18 +94,35 @@ def _draw_series(ax: Any, series: EpsilonSeries) -> None:
     trained = [(x, e) for x, e, d in zip(xs, series.epsilon, series.declined, strict=True) if not d]
     declined = [(x, e) for x, e, d in zip(xs, series.epsilon, series.declined, strict=True) if d]
     if trained:
-        ax.scatter(*zip(*trained, strict=True), marker="o", s=22, color=TRAIN_COLOUR,
-                   label="trained round (cumulative ε)", zorder=3)  # fmt: skip
+        ax.scatter(
+            *zip(*trained, strict=True),
+            marker="o",
+            s=22,
+            color=TRAIN_COLOUR,
+            label="trained round (cumulative ε)",
+            zorder=3,
+        )
     if declined:
-        ax.scatter(*zip(*declined, strict=True), marker="X", s=48, color=DECLINE_COLOUR,
-                   label="declined round", zorder=4)  # fmt: skip
+        ax.scatter(
+            *zip(*declined, strict=True),
+            marker="X",
+            s=48,
+            color=DECLINE_COLOUR,
+            label="declined round",
+            zorder=4,
+        )
 
 
 def _draw_budget(ax: Any, budget: float | None) -> None:
     """A dashed horizontal line at the site's lifetime budget, when it has one."""
     if budget is not None:
-        ax.axhline(budget, color=BUDGET_COLOUR, linestyle="--", linewidth=1.2,
-                   label=f"budget ε = {budget:.4g}")  # fmt: skip
+        ax.axhline(
+            budget,
+            color=BUDGET_COLOUR,
+            linestyle="--",
+            linewidth=1.2,
+            label=f"budget ε = {budget:.4g}",
+        )
 
 
 def _draw_runs(ax: Any, series: EpsilonSeries) -> None:
@@ -115,9 +132,17 @@ def _draw_runs(ax: Any, series: EpsilonSeries) -> None:
     for index, run_id in series.run_starts:
         x = index + 0.5
         ax.axvline(x, color="#999999", linestyle=":", linewidth=0.8, zorder=1)
-        ax.annotate(_short(run_id), xy=(x, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(2, -2), textcoords="offset points", va="top", fontsize=7,
-                    color="#555555", parse_math=False)  # fmt: skip
+        ax.annotate(
+            _short(run_id),
+            xy=(x, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, -2),
+            textcoords="offset points",
+            va="top",
+            fontsize=7,
+            color="#555555",
+            parse_math=False,
+        )
 
 
 def _label_axes(ax: Any, series: EpsilonSeries) -> None:

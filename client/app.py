@@ -23,6 +23,7 @@ code that uses them (secure-aggregation stages need none of them).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -86,10 +87,8 @@ class SiteClient(NumPyClient):
             )
             self.site.record_decline(decision, self.run_id, server_round)
         reply = decision.to_config()
-        try:
+        with contextlib.suppress(LedgerError):  # the decision already names the problem
             reply.update(self.site.ledger_head())
-        except LedgerError:
-            pass  # the decision already declines, naming the ledger problem
         if decision.accept and self.settings.secure_agg == "medfed" and self.identity:
             try:
                 reply[SECAGG_ID_KEY] = self.identity().node_id

@@ -49,7 +49,6 @@ from medfed.common.messages import (
     SITE_ID_KEY,
     SUPPRESSED_KEY,
 )
-from medfed.common.secagg.identity import generate_identity, load_identity, save_identity
 from medfed.common.privacy import (
     ACCOUNTANT,
     Spend,
@@ -58,6 +57,7 @@ from medfed.common.privacy import (
     epsilon_of,
     steps_per_round,
 )
+from medfed.common.secagg.identity import generate_identity, load_identity, save_identity
 from medfed.common.tasks import ImagingSpec, get_task_spec
 
 if TYPE_CHECKING:
@@ -374,9 +374,7 @@ class Site:
         self._write_data_report(data)
         train, test = split_train_test(data, settings.test_fraction, settings.seed)
         entries = read_ledger(self.ledger_path)
-        return _Prepared(
-            policy, train, test, data, fingerprint(train), entries, self.signing_key()
-        )
+        return _Prepared(policy, train, test, data, fingerprint(train), entries, self.signing_key())
 
     def _prepare_imaging(
         self, settings: RunSettings, policy: SitePolicy, spec: ImagingSpec

@@ -100,6 +100,10 @@ class RunSettings(BaseModel):
         ``run_id`` in run.json. Empty means Flower's run id, which is new for every
         Flower run; a named run keeps its id when the coordinator is restarted (see
         :meth:`medfed_run_id`).
+    coordinator_key : str
+        The coordinator's Ed25519 key that signs its per-round records
+        (``<out_dir>/rounds.jsonl``); empty means ``<data_root>/coordinator-identity.pem``,
+        created on first use. Kept out of ``out_dir``, which is handed to auditors.
     resume : bool
         Continue the run recorded in ``<out_dir>/run.json`` after the last round whose
         checkpoint verifies, instead of starting at round 1. Needs ``run_name``, and
@@ -134,6 +138,7 @@ class RunSettings(BaseModel):
     secagg_clip: float = Field(4.0, gt=0, le=1e6)
     secagg_roster: str = ""
     run_name: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9._-]*$")
+    coordinator_key: str = ""
     resume: bool = False
 
     @model_validator(mode="after")

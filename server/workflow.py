@@ -11,7 +11,8 @@ Each round:
    their sum; or, with ``secure-agg = "off"``, plain FedAvg of the sites' DP updates.
    An aborted secure-aggregation round leaves the model as it was; the run goes on.
 3. **Evaluate** the new global model at every site (cohort-level metrics only).
-4. **Checkpoint** the global model and rewrite ``run.json``.
+4. **Checkpoint** the global model, append a signed round record to ``rounds.jsonl``
+   (:mod:`medfed.server.round_log`) and rewrite ``run.json``.
 
 With ``resume = true`` the run continues from ``run.json`` and the last verified
 checkpoint instead of round 1 (:mod:`medfed.server.resume`).
@@ -46,12 +47,28 @@ from flwr.serverapp.grid import Grid
 from flwr.supercore import log
 
 from medfed.common.config import RunSettings
-from medfed.common.messages import ACCEPT_KEY, REASON_KEY, ROUND_KEY, SITE_ID_KEY
+from medfed.common.messages import (
+    ACCEPT_KEY,
+    LEDGER_ENTRY_KEY,
+    LEDGER_HEAD_KEY,
+    LEDGER_LENGTH_KEY,
+    REASON_KEY,
+    ROUND_KEY,
+    SITE_ID_KEY,
+)
+from medfed.common.params import weights_digest
 from medfed.common.secagg.identity import Roster
 from medfed.common.secagg.quantize import DEFAULT_MODULUS_BITS
 from medfed.server.checkpoint import save_checkpoint
 from medfed.server.medfed_secagg import MedfedSecAggWorkflow
 from medfed.server.resume import ResumeError, resume_point
+from medfed.server.round_log import (
+    ROUND_LOG_NAME,
+    RoundAttestation,
+    append_round,
+    load_coordinator_key,
+    publish_audit_keys,
+)
 from medfed.server.run_record import RUN_RECORD_NAME, RoundRecord, RunRecord, emit_event
 from medfed.server.strategy import SiteSelectingFedAvg
 
@@ -90,9 +107,12 @@ class MedfedWorkflow:
         self.model_meta = model_meta
         self._node_names: dict[int, str] = {}
         self._roster: Roster | None = None
+        self._key = load_coordinator_key(settings)
+        self._flower_run_id = ""
 
     def __call__(self, grid: Grid, context: LegacyContext) -> RunRecord:
         run_id = self.settings.medfed_run_id(context.run_id)
+        self._flower_run_id = str(context.run_id)
         initial = context.strategy.initialize_parameters(context.client_manager)
         if initial is None:
             raise ValueError("the strategy has no initial parameters")
@@ -134,6 +154,7 @@ class MedfedWorkflow:
                 secure_aggregation=self._secagg_description(),
                 flower_run_id=str(context.run_id),
             )
+        publish_audit_keys(self.out_dir, self._key, self.settings.roster_path())
         thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
         c_done.wait()
         try:
@@ -185,6 +206,7 @@ class MedfedWorkflow:
         started = time.time()
         emit_event(self.out_dir, "round-start", round=server_round)
         strategy: SiteSelectingFedAvg = context.strategy  # type: ignore[assignment]
+        model_in = weights_digest(parameters_to_ndarrays(self._global_parameters(context)))
         replies = self._ask_sites(grid, context, server_round)
         rnd = RoundRecord(round=server_round, status="skipped")
         accepted = {nid: r for nid, r in replies.items() if r.get(ACCEPT_KEY)}
@@ -233,6 +255,7 @@ class MedfedWorkflow:
         rnd.aggregate_metrics = {"loss": loss, **metrics} if loss is not None else {}
         rnd.site_metrics = per_site
         rnd.checkpoint, rnd.model_sha256 = self._checkpoint(context, server_round)
+        self._attest(record, rnd, replies, strategy.fit_reports, model_in)
         rnd.seconds = round(time.time() - started, 3)
         record.final_metrics = rnd.aggregate_metrics or record.final_metrics
         emit_event(self.out_dir, "round-end", **asdict(rnd))
@@ -402,6 +425,47 @@ class MedfedWorkflow:
         return str(path.relative_to(self.out_dir)), digest
 
     # -- bookkeeping -----------------------------------------------------------------
+    def _attest(
+        self,
+        record: RunRecord,
+        rnd: RoundRecord,
+        replies: dict[int, dict[str, Any]],
+        fit_reports: dict[str, dict[str, Any]],
+        model_in: str,
+    ) -> None:
+        """Append the round's signed record, anchoring each site's reported ledger head."""
+        sites: dict[str, dict[str, Any]] = {}
+        for reply in replies.values():
+            site = str(reply[SITE_ID_KEY])
+            sites[site] = {
+                "decision": "accept" if reply.get(ACCEPT_KEY) else "decline",
+                "ledger_length": int(reply.get(LEDGER_LENGTH_KEY, 0)),
+                "ledger_head": str(reply.get(LEDGER_HEAD_KEY, "")),
+            }
+        for site, report in fit_reports.items():
+            anchor = sites.setdefault(site, {"decision": "accept"})
+            anchor["train_entry"] = str(report.get(LEDGER_ENTRY_KEY, ""))
+            anchor["ledger_length"] = int(report.get(LEDGER_LENGTH_KEY, 0))
+            anchor["ledger_head"] = anchor["train_entry"]
+        append_round(
+            self.out_dir / ROUND_LOG_NAME,
+            RoundAttestation(
+                run_id=record.run_id,
+                flower_run_id=self._flower_run_id,
+                round=rnd.round,
+                status=rnd.status,
+                participants=list(rnd.participants),
+                declined=dict(rnd.declined),
+                dropped=list(rnd.dropped),
+                sites=sites,
+                secure_aggregation=self.settings.secure_agg,
+                model_sha256_in=model_in,
+                model_sha256=rnd.model_sha256,
+                timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            ),
+            self._key,
+        )
+
     def _wait_for_sites(self, context: LegacyContext) -> None:
         deadline = time.time() + SITE_WAIT_SECONDS
         while context.client_manager.num_available() < self.expected_sites:

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from medfed.client.app import build_client_app
-from medfed.client.policy import POLICY_NAME, SitePolicy, write_policy
-from medfed.common.atomic import atomic_write_json
+from medfed.client.policy import POLICY_NAME, PolicyError, SitePolicy, load_policy, write_policy
+from medfed.common.atomic import atomic_write_bytes, atomic_write_json
 from medfed.common.config import RunSettings
+from medfed.common.ledger import LEDGER_NAME
 from medfed.common.tasks import ImagingSpec, get_task_spec
 from medfed.server.app import build_server_app
 from medfed.server.run_record import EVENTS_NAME, RUN_RECORD_NAME
@@ -33,6 +34,7 @@ from medfed.simulations.synthetic import generate_risk_sites
 from medfed.simulations.synthetic_imaging import generate_imaging_sites
 
 SUMMARY_NAME = "summary.json"
+LEDGERS_DIR = "ledgers"
 
 
 class SimulationError(RuntimeError):
@@ -161,6 +163,7 @@ def run(
         if watcher:
             watcher.stop()
     seconds = time.time() - started
+    publish_ledgers(site_dirs, out_dir / LEDGERS_DIR)
     record = _read_run_record(out_dir)
     reference = pooled_reference(site_dirs, settings) if plan.reference else None
     result = SimulationResult(out_dir, site_dirs, record, reference, seconds)
@@ -174,6 +177,26 @@ def run(
         },
     )
     return result
+
+
+def publish_ledgers(site_dirs: list[Path], dest: Path) -> None:
+    """Copy each site's signed ledger to ``dest/<site id>.jsonl`` for ``medfed audit``.
+
+    In a deployment each hospital sends its ledger.jsonl to the auditor itself; signed
+    entries are what may leave a site (see the README's privacy model).
+    """
+    for site_dir in site_dirs:
+        ledger = site_dir / LEDGER_NAME
+        if ledger.is_file():
+            name = _site_name(site_dir)
+            atomic_write_bytes(dest / f"{name}.jsonl", ledger.read_bytes())
+
+
+def _site_name(site_dir: Path) -> str:
+    try:
+        return load_policy(site_dir / POLICY_NAME).site_id
+    except PolicyError:
+        return site_dir.name
 
 
 def _run_flower(settings: RunSettings, num_sites: int, verbose: bool) -> None:

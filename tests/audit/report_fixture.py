@@ -21,8 +21,21 @@ RUN_ID = "run-2025-06-cxr-01"
 PILOT_RUN_ID = "run-2025-05-pilot"
 MODEL_HASHES = [f"{n:x}" * 64 for n in range(1, 11)]
 
-ST_MARYS_EPS = [1.2682, 1.4604, 1.6297, 1.7862, 1.9334, 2.0731, 2.2065, 2.3345, 2.4573,
-                2.5757, 2.6902, 2.8008, 2.9082]  # fmt: skip
+ST_MARYS_EPS = [
+    1.2682,
+    1.4604,
+    1.6297,
+    1.7862,
+    1.9334,
+    2.0731,
+    2.2065,
+    2.3345,
+    2.4573,
+    2.5757,
+    2.6902,
+    2.8008,
+    2.9082,
+]
 NORTHGATE_EPS = [2.6062, 3.0782, 3.4667, 3.8118, 4.1256, 4.4191]
 RIVERSIDE_EPS = [1.1664, 1.3661, 1.5201, 1.6742, 1.8227, 1.9634, 2.0971, 2.2246, 2.3464, 2.463]
 
@@ -50,17 +63,28 @@ def sample_report() -> dict[str, Any]:
         "run": _run(),
         "secure_aggregation": {
             "protocol": "medfed SecAgg (pairwise masks, Shamir-shared for dropout recovery)",
-            "settings": {"threshold": 2, "clipping_range": 8.0, "quantization_bits": 24,
-                         "modulus_bits": 64, "signed_key_agreement": True},  # fmt: skip
+            "settings": {
+                "threshold": 2,
+                "clipping_range": 8.0,
+                "quantization_bits": 24,
+                "modulus_bits": 64,
+                "signed_key_agreement": True,
+            },
             "note": "Masks are expanded from the full X25519 shared secret with ChaCha20.",
         },
         "threat_model": {
-            "covered": ["an honest-but-curious server", "a network attacker",
-                        "an unregistered site", "tampering with logs",
-                        "sites dropping out mid-round"],  # fmt: skip
-            "not_covered": ["a malicious site poisoning the model",
-                            "collusion of the server with all but one site",
-                            "inference from the final model beyond what DP bounds"],  # fmt: skip
+            "covered": [
+                "an honest-but-curious server",
+                "a network attacker",
+                "an unregistered site",
+                "tampering with logs",
+                "sites dropping out mid-round",
+            ],
+            "not_covered": [
+                "a malicious site poisoning the model",
+                "collusion of the server with all but one site",
+                "inference from the final model beyond what DP bounds",
+            ],
         },
         "privacy_statement": _privacy_statement(),
         "sites": [_st_marys(), _northgate(), _riverside()],
@@ -90,15 +114,32 @@ def minimal_report() -> dict[str, Any]:
 def _run() -> dict[str, Any]:
     rounds = []
     for number in range(1, 11):
-        declined = {"northgate-general": NORTHGATE_DECLINES[number]} if number in NORTHGATE_DECLINES else {}  # noqa: E501
+        declined = (
+            {"northgate-general": NORTHGATE_DECLINES[number]}
+            if number in NORTHGATE_DECLINES
+            else {}
+        )
         participants = ["st-marys-london", "riverside-childrens"]
         if not declined:
             participants.insert(1, "northgate-general")
-        rounds.append({"round": number, "status": "completed", "participants": participants,
-                       "declined": declined, "model_sha256": MODEL_HASHES[number - 1]})  # fmt: skip
-    return {"run_id": RUN_ID, "task": "imaging", "dataset": "cxr-pneumonia",
-            "model": "resnet18-groupnorm", "rounds_planned": 10, "status": "completed",
-            "rounds": rounds}  # fmt: skip
+        rounds.append(
+            {
+                "round": number,
+                "status": "completed",
+                "participants": participants,
+                "declined": declined,
+                "model_sha256": MODEL_HASHES[number - 1],
+            }
+        )
+    return {
+        "run_id": RUN_ID,
+        "task": "imaging",
+        "dataset": "cxr-pneumonia",
+        "model": "resnet18-groupnorm",
+        "rounds_planned": 10,
+        "status": "completed",
+        "rounds": rounds,
+    }
 
 
 def _privacy_statement() -> dict[str, Any]:
@@ -108,35 +149,72 @@ def _privacy_statement() -> dict[str, Any]:
             "what anyone can learn from everything the hospital released changes by at most "
             "a factor e^ε (ε between 2.46 and 4.42 at these sites), except with probability δ."
         ),
-        "covered": ["every model update each site released, in every run on its dataset",
-                    "metrics aggregated over at least 20 patients"],  # fmt: skip
-        "not_covered": ["patients who appear in more than one hospital's data",
-                        "riverside-childrens: ε is stated per study; a patient with 3 studies "
-                        "is protected at group-privacy level k=3"],  # fmt: skip
+        "covered": [
+            "every model update each site released, in every run on its dataset",
+            "metrics aggregated over at least 20 patients",
+        ],
+        "not_covered": [
+            "patients who appear in more than one hospital's data",
+            "riverside-childrens: ε is stated per study; a patient with 3 studies "
+            "is protected at group-privacy level k=3",
+        ],
     }
 
 
-def _round(run_id: str, number: int, eps: float, mechanism: tuple[float, float, int, float],
-           delta: float, reason: str = "") -> dict[str, Any]:  # fmt: skip
+def _round(
+    run_id: str,
+    number: int,
+    eps: float,
+    mechanism: tuple[float, float, int, float],
+    delta: float,
+    reason: str = "",
+) -> dict[str, Any]:
     noise, rate, steps, clip = mechanism
-    return {"run_id": run_id, "round": number, "kind": "decline" if reason else "train",
-            "epsilon": eps, "noise_multiplier": noise, "sample_rate": rate,
-            "steps": 0 if reason else steps, "max_grad_norm": clip, "delta": delta,
-            "reason": reason, "timestamp": f"2025-06-{number + 2:02d}T10:{number:02d}:00Z"}  # fmt: skip
+    month = "05" if run_id == PILOT_RUN_ID else "06"
+    return {
+        "run_id": run_id,
+        "round": number,
+        "kind": "decline" if reason else "train",
+        "epsilon": eps,
+        "noise_multiplier": noise,
+        "sample_rate": rate,
+        "steps": 0 if reason else steps,
+        "max_grad_norm": clip,
+        "delta": delta,
+        "reason": reason,
+        "timestamp": f"2025-{month}-{number + 2:02d}T10:{number:02d}:00Z",
+    }
 
 
-def _site(site_id: str, budget: float, delta: float, k: int, rounds: list[dict[str, Any]],
-          fingerprint: str) -> dict[str, Any]:  # fmt: skip
+def _site(
+    site_id: str,
+    budget: float,
+    delta: float,
+    k: int,
+    rounds: list[dict[str, Any]],
+    fingerprint: str,
+) -> dict[str, Any]:
     spent = rounds[-1]["epsilon"]
     return {
-        "site_id": site_id, "signer": f"ed25519:{fingerprint[:16]}", "epsilon_budget": budget,
-        "delta": delta, "accountant": "rdp", "samples_per_patient": k,
+        "site_id": site_id,
+        "signer": f"ed25519:{fingerprint[:16]}",
+        "epsilon_budget": budget,
+        "delta": delta,
+        "accountant": "rdp",
+        "samples_per_patient": k,
         "unit_of_privacy": "one patient" if k == 1 else f"one study (up to {k} per patient)",
-        "epsilon_spent": spent, "budget_remaining": round(budget - spent, 4),
-        "datasets": [{"fingerprint": fingerprint, "epsilon_spent": spent,
-                      "budget_remaining": round(budget - spent, 4)}],
-        "rounds": rounds, "second_opinion": None,
-    }  # fmt: skip
+        "epsilon_spent": spent,
+        "budget_remaining": round(budget - spent, 4),
+        "datasets": [
+            {
+                "fingerprint": fingerprint,
+                "epsilon_spent": spent,
+                "budget_remaining": round(budget - spent, 4),
+            }
+        ],
+        "rounds": rounds,
+        "second_opinion": None,
+    }
 
 
 def _st_marys() -> dict[str, Any]:
@@ -176,8 +254,14 @@ def _opinion(accountant: str, epsilon: float, primary: float) -> dict[str, Any]:
         if flagged
         else f"{accountant} agrees with rdp within 5%"
     )
-    return {"accountant": accountant, "epsilon": epsilon, "primary_epsilon": primary,
-            "relative_difference": round(difference, 4), "flagged": flagged, "note": note}  # fmt: skip
+    return {
+        "accountant": accountant,
+        "epsilon": epsilon,
+        "primary_epsilon": primary,
+        "relative_difference": round(difference, 4),
+        "flagged": flagged,
+        "note": note,
+    }
 
 
 def _pitfalls() -> list[dict[str, Any]]:
@@ -185,22 +269,37 @@ def _pitfalls() -> list[dict[str, Any]]:
         ("Poisson sampling (DPDataLoader)", "pass", "all 33 train entries record sample_rate"),
         ("no BatchNorm in the model", "pass", "ModuleValidator: resnet18-groupnorm valid"),
         ("one sample per patient (or declared k)", "pass", "riverside-childrens declares k=3"),
-        ("normalisation not fitted on private data", "fail",
-         "northgate-general: config mean/std 0.4912/0.2471 match its training pixels "
-         "(site_config.toml, keys normalise.mean/std)"),
+        (
+            "normalisation not fitted on private data",
+            "fail",
+            "northgate-general: config mean/std 0.4912/0.2471 match its training pixels "
+            "(site_config.toml, keys normalise.mean/std)",
+        ),
         ("ε composed across runs", "pass", "st-marys-london: pilot run included (13 entries)"),
         ("evaluation metrics over the minimum cohort", "unknown", "no metrics records found"),
-    ]  # fmt: skip
+    ]
     return [{"check": c, "status": s, "evidence": e} for c, s, e in rows]
 
 
 def _empirical() -> list[dict[str, Any]]:
     common = {"confidence": 0.95, "canaries": 1000, "guesses": 200}
     return [
-        {"site_id": "st-marys-london", "dp": True, "epsilon_lower_bound": 0.41,
-         "accountant_epsilon": 2.9082, "correct": 121, **common,
-         "verdict": "consistent: lower bound 0.41 ≤ accountant ε 2.91"},
-        {"site_id": "baseline (no DP)", "dp": False, "epsilon_lower_bound": 3.87,
-         "accountant_epsilon": None, "correct": 196, **common,
-         "verdict": "the audit detects memorisation without DP"},
-    ]  # fmt: skip
+        {
+            "site_id": "st-marys-london",
+            "dp": True,
+            "epsilon_lower_bound": 0.41,
+            "accountant_epsilon": 2.9082,
+            "correct": 121,
+            **common,
+            "verdict": "consistent: lower bound 0.41 ≤ accountant ε 2.91",
+        },
+        {
+            "site_id": "baseline (no DP)",
+            "dp": False,
+            "epsilon_lower_bound": 3.87,
+            "accountant_epsilon": None,
+            "correct": 196,
+            **common,
+            "verdict": "the audit detects memorisation without DP",
+        },
+    ]
