@@ -7,26 +7,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from medfed.client.deid import (
-    REPORT_NAME,
-    DeidError,
-    DeidOptions,
-    DeidReport,
-    check_dirs,
-    deidentify_tree,
-    load_or_create_key,
-)
+if TYPE_CHECKING:
+    from medfed.client.deid import DeidOptions, DeidReport
 
 MAX_LISTED = 20
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line
+
+
+def _lib() -> ModuleType:
+    """medfed.client.deid, imported when a command runs (it loads pydicom)."""
+    from medfed.client import deid
+
+    return deid
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -83,17 +85,17 @@ def deid(
     IN_DIR; unreadable or non-DICOM files are skipped and reported.
     """
     try:
-        check_dirs(in_dir, out_dir, overwrite)
-        key, created = load_or_create_key(key_file, forbidden=(out_dir, in_dir))
-    except (DeidError, OSError) as exc:
+        _lib().check_dirs(in_dir, out_dir, overwrite)
+        key, created = _lib().load_or_create_key(key_file, forbidden=(out_dir, in_dir))
+    except (_lib().DeidError, OSError) as exc:
         _fail(str(exc))
-    options = DeidOptions(shift_dates=shift_dates, labels=labels, overwrite=overwrite)
+    options = _lib().DeidOptions(shift_dates=shift_dates, labels=labels, overwrite=overwrite)
     try:
         report = _run(in_dir, out_dir, key, options, quiet=json_output)
-    except (DeidError, OSError) as exc:
+    except (_lib().DeidError, OSError) as exc:
         _fail(str(exc))
     if json_output:
-        data = json.loads((out_dir / REPORT_NAME).read_text(encoding="utf-8"))
+        data = json.loads((out_dir / _lib().REPORT_NAME).read_text(encoding="utf-8"))
         typer.echo(json.dumps({**data, "key_file_created": created}, indent=2))
         return
     _summary(report, key_file if created else None)
@@ -101,7 +103,7 @@ def deid(
 
 def _run(in_dir: Path, out_dir: Path, key: bytes, options: DeidOptions, quiet: bool) -> DeidReport:
     if quiet:
-        return deidentify_tree(in_dir, out_dir, key, options)
+        return _lib().deidentify_tree(in_dir, out_dir, key, options)
     columns = (TextColumn("de-identifying"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("deid", total=None)
@@ -109,7 +111,7 @@ def _run(in_dir: Path, out_dir: Path, key: bytes, options: DeidOptions, quiet: b
         def on_file(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        return deidentify_tree(in_dir, out_dir, key, options, on_file=on_file)
+        return _lib().deidentify_tree(in_dir, out_dir, key, options, on_file=on_file)
 
 
 def _summary(report: DeidReport, created_key: Path | None) -> None:
@@ -132,7 +134,7 @@ def _summary(report: DeidReport, created_key: Path | None) -> None:
     _flagged(report)
     if created_key is not None:
         console.print(f"Created a new site key at {created_key} (mode 0600); keep it.")
-    console.print(f"Report: {report.out_dir / REPORT_NAME}")
+    console.print(f"Report: {report.out_dir / _lib().REPORT_NAME}")
 
 
 def _skipped_table(report: DeidReport) -> None:

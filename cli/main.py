@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from medfed.cli.audit_commands import audit_app
 from medfed.cli.data_commands import data_app
 from medfed.cli.deploy_commands import register as register_deploy_commands
 from medfed.cli.provision_command import provision_app
@@ -29,6 +30,7 @@ synth_app = typer.Typer(
 app.add_typer(synth_app, name="synth")
 app.add_typer(data_app, name="data")
 app.add_typer(provision_app, name="provision")
+app.add_typer(audit_app, name="audit")
 register_deploy_commands(app)
 
 console = Console()

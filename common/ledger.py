@@ -137,7 +137,7 @@ def read_ledger(path: Path) -> list[LedgerEntry]:
     entries: list[LedgerEntry] = []
     prev = GENESIS
     for lineno, line in enumerate(lines, start=1):
-        entry = _parse_line(path, lineno, line)
+        entry = parse_ledger_line(path, lineno, line)
         if entry.prev_hash != prev:
             raise LedgerError(
                 f"{path}:{lineno}: chain broken: prev_hash {entry.prev_hash[:12]}… does "
@@ -151,7 +151,10 @@ def read_ledger(path: Path) -> list[LedgerEntry]:
     return entries
 
 
-def _parse_line(path: Path, lineno: int, line: str) -> LedgerEntry:
+def parse_ledger_line(path: Path, lineno: int, line: str) -> LedgerEntry:
+    """One ledger line as an entry (fields, types, ranges; not its hash or chain link).
+
+    LedgerError names ``path``, ``lineno`` and what is wrong."""
     try:
         raw = json.loads(line)
     except json.JSONDecodeError as exc:

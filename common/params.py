@@ -1,12 +1,19 @@
-"""Model parameters as lists of numpy arrays: the form they travel in over Flower."""
+"""Model parameters as lists of numpy arrays: the form they travel in over Flower.
+
+torch is imported only by the functions that touch a model: :func:`weights_digest`
+identifies a model in processes that must start fast (the audit, checkpoint checks).
+"""
 
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def get_weights(model: nn.Module) -> list[np.ndarray]:
@@ -16,6 +23,8 @@ def get_weights(model: nn.Module) -> list[np.ndarray]:
 
 def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     """Load ``weights`` (as returned by :func:`get_weights`) into ``model``."""
+    import torch
+
     state = _plain_state(model)
     if len(weights) != len(state):
         raise ValueError(
