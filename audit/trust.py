@@ -5,7 +5,9 @@ consortium CA; given the CA certificate (``--ca``, obtained from the consortium,
 from the coordinator) the roster's signature is checked and the result does not depend
 on trusting whoever handed over the audit folder. Without a CA (a simulation, whose keys
 were generated for it) the roster in the folder is taken as found, and the audit says so.
-The coordinator's public key is ``coordinator.pub.pem`` in the audit folder.
+The coordinator's public key is ``coordinator.pub.pem`` in the audit folder; with a CA,
+its CA-issued certificate ``coordinator.pem`` must be there, signed by the CA and for the
+same key, or the audit reports a problem.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from medfed.common.secagg.identity import Roster, RosterError
-from medfed.common.signed_log import key_id
-from medfed.server.round_log import AUDIT_ROSTER_NAME, COORDINATOR_PUBLIC_NAME
+from medfed.common.signed_log import key_id, raw_public_key
+from medfed.server.round_log import (
+    AUDIT_ROSTER_NAME,
+    COORDINATOR_CERT_NAME,
+    COORDINATOR_PUBLIC_NAME,
+)
 
 
 class TrustError(ValueError):
@@ -60,7 +66,34 @@ def load_trusted_keys(directory: Path, roster: Path | None, ca: Path | None) -> 
         sites, source = _plain_roster(roster_path)
         anchored = False
     coordinator, problems = _coordinator_key(directory / COORDINATOR_PUBLIC_NAME)
+    if ca is not None and coordinator is not None:
+        certified = _certificate_problem(directory / COORDINATOR_CERT_NAME, coordinator, ca)
+        problems += (certified,) if certified else ()
+        source += "; coordinator key " + ("NOT certified" if certified else "certified by the CA")
+    else:
+        source += "; coordinator key from coordinator.pub.pem as found"
     return TrustedKeys(sites, coordinator, source, anchored, problems)
+
+
+def _certificate_problem(path: Path, key: Ed25519PublicKey, ca: Path) -> str:
+    """Why ``path`` is not a CA-issued certificate for ``key`` ('' when it is)."""
+    from medfed.deploy.pki import (
+        load_ca_certificate,
+        load_certificate,
+        verify_certificate_signed_by,
+    )
+
+    try:
+        certificate = load_certificate(path, "coordinator certificate")
+        verify_certificate_signed_by(
+            certificate, load_ca_certificate(ca), what="coordinator certificate"
+        )
+    except (OSError, ValueError) as exc:
+        return f"coordinator key not certified: {exc}"
+    public = certificate.public_key()
+    if not isinstance(public, Ed25519PublicKey) or raw_public_key(public) != raw_public_key(key):
+        return f"{path}: certifies another key than coordinator.pub.pem"
+    return ""
 
 
 def _plain_roster(path: Path) -> tuple[dict[str, Ed25519PublicKey], str]:

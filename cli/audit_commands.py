@@ -8,6 +8,7 @@ and needs no patient data, except ``empirical``, which a site runs on its own da
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -90,3 +91,56 @@ def _print_verification(summary: dict) -> None:
         table.add_row(problem["where"], problem["what"])
     console.print(table)
     console.print(f"[red]FAILED[/red]: {counts}", highlight=False)
+
+
+class ReportFormat(StrEnum):
+    html = "html"
+    md = "md"
+    json = "json"
+
+
+@audit_app.command()
+def report(
+    directory: Path = typer.Argument(..., help=DIR_HELP, show_default=False),
+    fmt: ReportFormat = typer.Option(
+        ReportFormat.html,
+        "--format",
+        help="html: one self-contained file with embedded plots (no network access); "
+        "md: Markdown; json: for machines.",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Report file (default: DIR/audit-report.<format>)."
+    ),
+    roster: Path | None = typer.Option(None, "--roster", help=ROSTER_HELP),
+    ca: Path | None = typer.Option(None, "--ca", help=CA_HELP),
+) -> None:
+    """Write the privacy-budget report of an audit folder.
+
+    Per site: epsilon over rounds against its budget, delta, noise, clipping, sampling
+    rate, steps, rounds joined or declined and why, budget left for the dataset across
+    all runs, and a second accountant's opinion; then the privacy statement, the
+    secure aggregation and threat model in force, pitfall checks with their evidence,
+    and any empirical audits in DIR/empirical/. The folder is verified first: exit
+    status 1 (report still written, marked FAILED) when verification finds problems.
+    """
+    from medfed.audit.render import render_html, render_json, render_markdown
+    from medfed.audit.report import build_report
+    from medfed.common.atomic import atomic_write_text
+
+    trail = _trail(directory, roster, ca)
+    built = build_report(trail)
+    render = {"html": render_html, "md": render_markdown, "json": render_json}[fmt.value]
+    target = out or directory / f"audit-report.{fmt.value}"
+    try:
+        atomic_write_text(target, render(built))
+    except OSError as exc:
+        _fail(f"cannot write {target}: {exc}")
+    status = (
+        "[green]verified[/green]"
+        if trail.ok
+        else (f"[red]FAILED verification ({len(trail.problems)} problem(s))[/red]")
+    )
+    console.print(
+        f"{target}: privacy report of {len(built['sites'])} site(s); {status}", highlight=False
+    )
+    raise typer.Exit(0 if trail.ok else 1)

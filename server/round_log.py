@@ -41,6 +41,8 @@ ROUND_LOG_TAG = b"medfed-round-record-v1\0"
 """Domain separation: the coordinator's signature over a round record means nothing else."""
 COORDINATOR_KEY_NAME = "coordinator-identity.pem"
 COORDINATOR_PUBLIC_NAME = "coordinator.pub.pem"
+COORDINATOR_CERT_NAME = "coordinator.pem"
+"""A deployment's CA-issued certificate for the coordinator key, kept beside the key."""
 AUDIT_ROSTER_NAME = "roster.json"
 
 
@@ -172,11 +174,20 @@ def load_coordinator_key(settings: RunSettings) -> Ed25519PrivateKey:
         raise RoundLogError(f"coordinator signing key: {exc}") from None
 
 
-def publish_audit_keys(out_dir: Path, key: Ed25519PrivateKey, roster: Path) -> None:
-    """Write the coordinator's public key and a copy of the roster for the auditor."""
+def publish_audit_keys(
+    out_dir: Path, key: Ed25519PrivateKey, roster: Path, key_path: Path | None = None
+) -> None:
+    """Write the coordinator's public key and a copy of the roster for the auditor.
+
+    In a deployment the CA-issued certificate of the key (``coordinator.pem`` beside
+    ``key_path``) is copied too, so that ``medfed audit verify --ca`` can check it.
+    """
     pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     atomic_write_bytes(out_dir / COORDINATOR_PUBLIC_NAME, pem)
+    certificate = key_path.with_name(COORDINATOR_CERT_NAME) if key_path else None
+    if certificate is not None and certificate.is_file():
+        atomic_write_bytes(out_dir / COORDINATOR_CERT_NAME, certificate.read_bytes())
     if roster.is_file() and roster.resolve() != (out_dir / AUDIT_ROSTER_NAME).resolve():
         atomic_write_bytes(out_dir / AUDIT_ROSTER_NAME, roster.read_bytes())

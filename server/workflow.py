@@ -66,6 +66,7 @@ from medfed.server.round_log import (
     ROUND_LOG_NAME,
     RoundAttestation,
     append_round,
+    coordinator_key_path,
     load_coordinator_key,
     publish_audit_keys,
 )
@@ -154,7 +155,12 @@ class MedfedWorkflow:
                 secure_aggregation=self._secagg_description(),
                 flower_run_id=str(context.run_id),
             )
-        publish_audit_keys(self.out_dir, self._key, self.settings.roster_path())
+        publish_audit_keys(
+            self.out_dir,
+            self._key,
+            self.settings.roster_path(),
+            coordinator_key_path(self.settings),
+        )
         thread, f_stop, c_done = start_update_client_manager_thread(grid, context.client_manager)
         c_done.wait()
         try:

@@ -247,3 +247,63 @@ def test_round_attestation_round_trips(trail: Trail) -> None:
     assert record.compute_hash() == raw["entry_hash"]
     assert record.signed_by(trail.coordinator.public_key())
     assert not replace(record, round=2).signed_by(generate_identity().public_key())
+
+
+def _consortium(trail: Trail, tmp_path: Path) -> Path:
+    """Sign the trail's roster with a fresh consortium CA; certify the coordinator key."""
+    from medfed.deploy.pki import (
+        certificate_pem,
+        create_ca,
+        generate_supernode_key,
+        issue_identity_certificate,
+        supernode_public_openssh,
+    )
+    from medfed.deploy.roster import ConsortiumRoster, RosterSite, write_signed_roster
+
+    ca_key, ca_cert = create_ca("Northgate", 30)
+    sites = tuple(
+        RosterSite(
+            name,
+            i + 1,
+            key.public_key().public_bytes_raw(),
+            supernode_public_openssh(generate_supernode_key(), name),
+        )
+        for i, (name, key) in enumerate(sorted(trail.site_keys.items()))
+    )
+    roster = ConsortiumRoster("Northgate", 1, "2026-11-30T10:00:00Z", sites)
+    write_signed_roster(trail.root / "roster.json", roster, ca_key)
+    cert = issue_identity_certificate(
+        ca_key, ca_cert, "coordinator", "Northgate", trail.coordinator.public_key(), 30
+    )
+    (trail.root / "coordinator.pem").write_bytes(certificate_pem(cert))
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(certificate_pem(ca_cert))
+    return ca
+
+
+def test_ca_signed_roster_and_certified_coordinator(trail: Trail, tmp_path: Path) -> None:
+    ca = _consortium(trail, tmp_path)
+    result = verify_directory(trail.root, ca=ca)
+    assert result.ok, result.problems
+    assert "signature checked with the CA certificate" in result.keys.source
+    assert "coordinator key certified by the CA" in result.keys.source
+
+
+def test_edited_ca_signed_roster_is_refused(trail: Trail, tmp_path: Path) -> None:
+    ca = _consortium(trail, tmp_path)
+    roster = json.loads((trail.root / "roster.json").read_text())
+    roster["sites"][0]["public_key"] = generate_identity().public_key().public_bytes_raw().hex()
+    (trail.root / "roster.json").write_text(json.dumps(roster))
+    with pytest.raises(TrustError, match="roster"):
+        verify_directory(trail.root, ca=ca)
+
+
+def test_coordinator_certificate_for_another_key(trail: Trail, tmp_path: Path) -> None:
+    ca = _consortium(trail, tmp_path)
+    other = build_trail(tmp_path / "other", sites=2, rounds=1)
+    (trail.root / "coordinator.pub.pem").write_bytes(
+        (other.root / "coordinator.pub.pem").read_bytes()
+    )
+    problems = [str(p) for p in verify_directory(trail.root, ca=ca).problems]
+    assert any("certifies another key" in p for p in problems), problems
+    assert any("coordinator's signature does not verify" in p for p in problems)
