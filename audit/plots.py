@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ TRAIN_COLOUR = "#0072B2"
 DECLINE_COLOUR = "#D55E00"
 BUDGET_COLOUR = "#444444"
 RUN_LABEL_CHARS = 18
+FIGSIZE = (7.0, 2.8)  # inches; the HTML scales the SVG to the page width
 
 _SVG_RC = {
     "svg.fonttype": "path",  # glyphs as paths: no font needed to view the report
@@ -52,12 +53,14 @@ def epsilon_series(site: Mapping[str, Any]) -> EpsilonSeries:
     The ledger's ``epsilon`` is already cumulative for the dataset (over all runs), so
     it is plotted as recorded; a declined round keeps the epsilon it was declined at.
     """
-    rounds: Sequence[Mapping[str, Any]] = site.get("rounds") or []
+    listed = site.get("rounds")
+    listed = listed if isinstance(listed, list | tuple) else []
+    rounds = [r for r in listed if isinstance(r, Mapping)]
     series = EpsilonSeries([], [], [], [], _finite_or_none(site.get("epsilon_budget")))
     previous_run: object = object()
     for index, entry in enumerate(rounds):
         series.epsilon.append(_as_float(entry.get("epsilon")))
-        series.declined.append(entry.get("kind") == "decline")
+        series.declined.append(entry.get("kind") != "train")
         series.round_labels.append(str(entry.get("round", "")))
         if entry.get("run_id") != previous_run:
             previous_run = entry.get("run_id")
@@ -71,7 +74,9 @@ def epsilon_plot_svg(site: Mapping[str, Any]) -> str | None:
     if not series.epsilon:
         return None
     with matplotlib.rc_context(_SVG_RC):
-        fig = Figure(figsize=(7.0, 2.8), layout="constrained")
+        fig = Figure(figsize=FIGSIZE)
+        # Fixed margins rather than a layout engine: half the drawing time, same result.
+        fig.subplots_adjust(left=0.085, right=0.985, top=0.95, bottom=0.28)
         ax = fig.subplots()
         _draw_series(ax, series)
         _draw_budget(ax, series.budget)
@@ -158,7 +163,7 @@ def _label_axes(ax: Any, series: EpsilonSeries) -> None:
     ax.set_xlabel("round (ledger order)")
     ax.set_ylabel("cumulative ε")
     ax.grid(axis="y", color="#dddddd", linewidth=0.6)
-    ax.figure.legend(loc="outside lower center", ncols=3, frameon=False)
+    ax.figure.legend(loc="lower center", ncols=3, frameon=False, borderaxespad=0.2)
 
 
 def _short(text: str) -> str:

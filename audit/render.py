@@ -12,6 +12,33 @@ plots embedded as ``data:`` images, no JavaScript, readable on paper.
 
 Optional parts of the report may be ``None`` or empty; a section then says so instead of
 being left out, so a reader can tell "nothing found" from "not rendered".
+
+Report schema (built by :func:`medfed.audit.report.build_report`)::
+
+    title, generated (ISO-8601), directory, medfed_version: str
+    verification: {ok: bool, trust: str (where the keys came from),
+                   checked: {ledgers, ledger_entries, round_records, signatures: int},
+                   problems: [{where: str, what: str}]}
+    run: None | {run_id, task, dataset, model: str, rounds_planned: int, status: str,
+                 rounds: [{round: int, status: str, participants: [str],
+                           declined: {site: reason}, model_sha256: str}]}
+    secure_aggregation: {protocol: str, settings: {str: scalar}, note: str}
+    threat_model: {covered: [str], not_covered: [str]}
+    privacy_statement: {summary: str, covered: [str], not_covered: [str]}
+    sites: [{site_id, signer: str, epsilon_budget: float | None, delta: float,
+             accountant: str, samples_per_patient: int, unit_of_privacy: str,
+             epsilon_spent: float, budget_remaining: float | None,  # dataset, all runs
+             datasets: [{fingerprint: str, epsilon_spent: float,
+                         budget_remaining: float | None}],
+             rounds: [{run_id: str, round: int, kind: "train" | "decline",
+                       epsilon: float (cumulative), noise_multiplier, sample_rate: float,
+                       steps: int, max_grad_norm, delta: float, reason, timestamp: str}],
+             second_opinion: None | {accountant: str, epsilon, primary_epsilon,
+                                     relative_difference: float, flagged: bool, note: str}}]
+    pitfalls: [{check: str, status: "pass" | "fail" | "unknown", evidence: str}]
+    empirical: [{site_id: str, dp: bool, epsilon_lower_bound: float,
+                 accountant_epsilon: float | None, confidence: float, canaries, guesses,
+                 correct: int, verdict: str}]
 """
 
 from __future__ import annotations
@@ -235,9 +262,10 @@ def _m_line(text: str) -> str:
 def _md_cell(cell: Cell) -> str:
     if isinstance(cell, Status):
         return f"**{_MD_SYMBOLS.get(cell.kind, '?')} {_m(cell.word)}**"
+    if isinstance(cell, Code) and re.fullmatch(r"[^`\\\s|]+", cell.text):
+        return f"`{cell.text}`"  # a code span shows its text literally: only safe text goes in
     if isinstance(cell, Code):
-        text = " ".join(cell.text.split()).replace("`", "'").replace("|", "\\|")
-        return f"`{text}`" if text else "—"
+        return _m(cell.text) or "—"
     return _m(cell) if cell else "—"
 
 

@@ -35,6 +35,8 @@ Cell = str | Status | Code
 
 @dataclass(frozen=True)
 class Heading:
+    """A section heading; ``anchor`` becomes the HTML id that the contents link to."""
+
     level: int
     text: str
     anchor: str = ""
@@ -42,12 +44,16 @@ class Heading:
 
 @dataclass(frozen=True)
 class Para:
+    """A paragraph, optionally led by a verdict."""
+
     text: str
     status: Status | None = None
 
 
 @dataclass(frozen=True)
 class Banner:
+    """The report's headline verdict (verification PASS or FAIL)."""
+
     status: Status
     text: str
 
@@ -61,6 +67,8 @@ class Facts:
 
 @dataclass(frozen=True)
 class Table:
+    """A table; ``empty`` is said instead when there are no rows."""
+
     headers: list[str]
     rows: list[list[Cell]]
     empty: str = "None."
@@ -68,6 +76,8 @@ class Table:
 
 @dataclass(frozen=True)
 class Bullets:
+    """A labelled list; ``empty`` is said instead when there are no items."""
+
     label: str
     items: list[str]
     empty: str = "None stated."
@@ -95,22 +105,27 @@ Block = Heading | Para | Banner | Facts | Table | Bullets | Plot | Contents
 
 
 def as_dict(value: object) -> Mapping[str, Any]:
+    """``value`` if it is a mapping, else an empty one."""
     return value if isinstance(value, Mapping) else {}
 
 
 def as_list(value: object) -> list[Any]:
+    """``value`` as a list if it is a list or tuple, else an empty list."""
     return list(value) if isinstance(value, list | tuple) else []
 
 
 def as_text(value: object) -> str:
+    """``value`` as text; ``None`` is empty."""
     return "" if value is None else str(value)
 
 
 def as_strings(value: object) -> list[str]:
+    """Every item of a list, as text."""
     return [as_text(item) for item in as_list(value)]
 
 
 def is_number(value: object) -> bool:
+    """True for int and float, not bool."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -129,10 +144,12 @@ def num(value: object) -> str:
 
 
 def integer(value: object) -> str:
+    """A whole number as is; anything else as :func:`num` shows it."""
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else num(value)
 
 
 def percent(value: object) -> str:
+    """A fraction as a percentage with one decimal."""
     return f"{float(value):.1%}" if is_number(value) and math.isfinite(value) else num(value)  # type: ignore[arg-type]
 
 

@@ -46,6 +46,15 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("run-rounds", "Run rounds"),
 )
 SECOND_OPINION_TOLERANCE = 0.05  # relative disagreement above which the report flags it
+BUDGET_HEADERS = ["Site", "ε spent", "ε budget", "Budget left", "δ", "Unit of privacy",
+                  "Records per patient (k)", "Result"]  # fmt: skip
+MECHANISM_HEADERS = ["Site", "Accountant", "Noise multiplier σ", "Clipping norm C",
+                     "Sampling rate q", "Steps", "Rounds joined", "Rounds declined"]  # fmt: skip
+LEDGER_HEADERS = ["Run", "Round", "Kind", "Cumulative ε", "δ", "σ", "C", "q", "Steps", "Time"]
+OPINION_HEADERS = ["Site", "Accountant", "ε", "Second accountant", "Second ε", "Difference",
+                   "Result", "Note"]  # fmt: skip
+EMPIRICAL_HEADERS = ["Site", "DP", "ε lower bound", "Accountant ε", "Confidence", "Canaries",
+                     "Guesses", "Correct", "Result", "Verdict"]  # fmt: skip
 
 
 def build_document(report: Mapping[str, Any]) -> list[Block]:
@@ -115,12 +124,6 @@ def _verification(report: Mapping[str, Any]) -> list[Block]:
     ]
 
 
-BUDGET_HEADERS = ["Site", "ε spent", "ε budget", "Budget left", "δ", "Unit of privacy",
-                  "Records per patient (k)", "Result"]  # fmt: skip
-MECHANISM_HEADERS = ["Site", "Accountant", "Noise multiplier σ", "Clipping norm C",
-                     "Sampling rate q", "Steps", "Rounds joined", "Rounds declined"]  # fmt: skip
-
-
 def _spend(report: Mapping[str, Any]) -> list[Block]:
     """Spend against budget, the mechanism, then one subsection per site with its plot."""
     sites = [as_dict(s) for s in as_list(report.get("sites"))]
@@ -184,50 +187,45 @@ def _site_detail(site: Mapping[str, Any]) -> list[Block]:
     """One site: identity, plot, datasets, declined rounds with reasons, every round."""
     site_id = as_text(site.get("site_id"))
     rounds = [as_dict(r) for r in as_list(site.get("rounds"))]
-    declined = [r for r in rounds if r.get("kind") != "train"]
-    datasets = [as_dict(d) for d in as_list(site.get("datasets"))]
+    identity: list[tuple[str, Cell]] = [
+        ("Ledger signed by", Code(as_text(site.get("signer")))),
+        ("Unit of privacy", as_text(site.get("unit_of_privacy"))),
+        ("Records per patient (k)", integer(site.get("samples_per_patient"))),
+    ]
+    alt = (
+        f"Cumulative epsilon of site {site_id} over {len(rounds)} ledger rounds, "
+        f"against its budget {num(site.get('epsilon_budget'))}."
+    )
     return [
         Heading(3, f"Site {site_id}"),
-        Facts(
-            [
-                ("Ledger signed by", Code(as_text(site.get("signer")))),
-                ("Unit of privacy", as_text(site.get("unit_of_privacy"))),
-                ("Records per patient (k)", integer(site.get("samples_per_patient"))),
-            ]
-        ),
-        Plot(
-            site,
-            f"Cumulative epsilon of site {site_id} over {len(rounds)} ledger rounds, "
-            f"against its budget {num(site.get('epsilon_budget'))}.",
-        ),
-        Table(
-            ["Dataset fingerprint", "ε spent (all runs)", "Budget left"],
-            [
-                [
-                    Code(as_text(d.get("fingerprint"))),
-                    num(d.get("epsilon_spent")),
-                    num(d.get("budget_remaining")),
-                ]
-                for d in datasets
-            ],
-            empty="No datasets recorded.",
-        ),
+        Facts(identity),
+        Plot(site, alt),
+        _datasets_table(site),
         Heading(4, f"Declined rounds at {site_id}"),
-        Table(
-            ["Run", "Round", "Reason"],
-            [
-                [Code(as_text(r.get("run_id"))), integer(r.get("round")), as_text(r.get("reason"))]
-                for r in declined
-            ],
-            empty="No rounds declined.",
-        ),
+        _declined_table(rounds),
         Heading(4, f"Ledger rounds at {site_id}"),
-        Table(
-            ["Run", "Round", "Kind", "Cumulative ε", "δ", "σ", "C", "q", "Steps", "Time"],
-            [_ledger_row(r) for r in rounds],
-            empty="No rounds recorded.",
-        ),
+        Table(LEDGER_HEADERS, [_ledger_row(r) for r in rounds], empty="No rounds recorded."),
     ]
+
+
+def _datasets_table(site: Mapping[str, Any]) -> Table:
+    """Spend per dataset fingerprint: a site's budget composes per dataset, across runs."""
+    rows: list[list[Cell]] = [
+        [Code(as_text(d.get("fingerprint"))), num(d.get("epsilon_spent")),
+         num(d.get("budget_remaining"))]
+        for d in (as_dict(d) for d in as_list(site.get("datasets")))
+    ]  # fmt: skip
+    headers = ["Dataset fingerprint", "ε spent (all runs)", "Budget left"]
+    return Table(headers, rows, empty="No datasets recorded.")
+
+
+def _declined_table(rounds: list[Mapping[str, Any]]) -> Table:
+    rows: list[list[Cell]] = [
+        [Code(as_text(r.get("run_id"))), integer(r.get("round")), as_text(r.get("reason"))]
+        for r in rounds
+        if r.get("kind") != "train"
+    ]
+    return Table(["Run", "Round", "Reason"], rows, empty="No rounds declined.")
 
 
 def _ledger_row(entry: Mapping[str, Any]) -> list[Cell]:
@@ -278,55 +276,30 @@ def _secagg(report: Mapping[str, Any]) -> list[Block]:
 
 def _second_opinion(report: Mapping[str, Any]) -> list[Block]:
     """Each site's epsilon recomputed by a second accountant; > 5% disagreement flagged."""
-    rows: list[list[Cell]] = []
-    for site in (as_dict(s) for s in as_list(report.get("sites"))):
-        opinion = as_dict(site.get("second_opinion"))
-        site_cell = Code(as_text(site.get("site_id")))
-        if not opinion:
-            rows.append(
-                [
-                    site_cell,
-                    as_text(site.get("accountant")),
-                    num(site.get("epsilon_spent")),
-                    "—",
-                    "—",
-                    "—",
-                    Status("unknown", "NOT COMPUTED"),
-                    "",
-                ]
-            )
-            continue
-        rows.append(
-            [
-                site_cell,
-                as_text(site.get("accountant")),
-                num(opinion.get("primary_epsilon")),
-                as_text(opinion.get("accountant")),
-                num(opinion.get("epsilon")),
-                percent(opinion.get("relative_difference")),
-                _opinion_status(opinion),
-                as_text(opinion.get("note")),
-            ]
-        )
+    rows = [_opinion_row(as_dict(site)) for site in as_list(report.get("sites"))]
     return [
         Para(
             f"A second accountant recomputes each site's ε from its ledger; a relative "
             f"difference above {SECOND_OPINION_TOLERANCE:.0%} is flagged for review."
         ),
-        Table(
-            [
-                "Site",
-                "Accountant",
-                "ε",
-                "Second accountant",
-                "Second ε",
-                "Difference",
-                "Result",
-                "Note",
-            ],
-            rows,
-            empty="No sites.",
-        ),
+        Table(OPINION_HEADERS, rows, empty="No sites."),
+    ]
+
+
+def _opinion_row(site: Mapping[str, Any]) -> list[Cell]:
+    opinion = as_dict(site.get("second_opinion"))
+    primary: list[Cell] = [Code(as_text(site.get("site_id"))), as_text(site.get("accountant"))]
+    if not opinion:
+        not_computed = Status("unknown", "NOT COMPUTED")
+        return [*primary, num(site.get("epsilon_spent")), "—", "—", "—", not_computed, ""]
+    return [
+        *primary,
+        num(opinion.get("primary_epsilon")),
+        as_text(opinion.get("accountant")),
+        num(opinion.get("epsilon")),
+        percent(opinion.get("relative_difference")),
+        _opinion_status(opinion),
+        as_text(opinion.get("note")),
     ]
 
 
@@ -389,21 +362,7 @@ def _empirical(report: Mapping[str, Any]) -> list[Block]:
             "confidence; a lower bound above the accountant's ε would mean the "
             "accounting or the implementation is wrong."
         ),
-        Table(
-            [
-                "Site",
-                "DP",
-                "ε lower bound",
-                "Accountant ε",
-                "Confidence",
-                "Canaries",
-                "Guesses",
-                "Correct",
-                "Result",
-                "Verdict",
-            ],
-            rows,
-        ),
+        Table(EMPIRICAL_HEADERS, rows),
     ]
 
 

@@ -12,6 +12,7 @@ Set ``MEDFED_AUDIT_SCREENSHOT=docs/audit-report.png`` to refresh the docs screen
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import io
 import json
@@ -136,9 +137,10 @@ class Chromium:
         except (OSError, RuntimeError, TimeoutError, subprocess.TimeoutExpired):
             pass
         finally:
-            if self.process.poll() is None:
+            # Chromium's helpers (renderer, GPU, zygote) share the group started for it.
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+            self.process.wait(timeout=10)
             os.close(self._to_browser)
             os.close(self._from_browser)
 
