@@ -15,7 +15,6 @@ from medfed.cli.audit_commands import audit_app
 from medfed.cli.data_commands import data_app
 from medfed.cli.deploy_commands import register as register_deploy_commands
 from medfed.cli.provision_command import provision_app
-from medfed.common.config import ConfigError, RunSettings
 
 app = typer.Typer(
     name="medfed",
@@ -198,6 +197,7 @@ def simulate(
     site's privacy spend and the model's metrics next to a pooled non-private reference.
     """
     from medfed.cli.display import RoundProgress, summary_tables
+    from medfed.common.config import ConfigError, RunSettings
     from medfed.simulations.runner import SimulationError, SimulationPlan, run
 
     defaults = run_defaults(task.value, dataset.value)
@@ -262,6 +262,10 @@ def simulate(
         f"Finished in {result.seconds:.1f}s. Run record: "
         f"{result.out_dir / 'run.json'}; site ledgers: "
         f"{Path(settings.data_root) / 'site-*' / 'ledger.jsonl'}"
+    )
+    console.print(
+        f"Audit: medfed audit verify {result.out_dir}; medfed audit report {result.out_dir}",
+        highlight=False,
     )
 
 

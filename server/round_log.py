@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from medfed.common.atomic import atomic_write_bytes
-from medfed.common.config import RunSettings
 from medfed.common.secagg.identity import (
     IdentityError,
     generate_identity,
@@ -34,6 +33,9 @@ from medfed.common.secagg.identity import (
     save_identity,
 )
 from medfed.common.signed_log import GENESIS, entry_hash, key_id, sign_hash, signature_valid
+
+if TYPE_CHECKING:
+    from medfed.common.config import RunSettings
 
 ROUND_LOG_NAME = "rounds.jsonl"
 ROUND_LOG_VERSION = 1

@@ -130,3 +130,24 @@ def test_checkpoints_after_every_round(federation):
         assert meta["sha256"] == rnd["model_sha256"]
         assert meta["features"][0] == "age"
         assert weights[0].shape == (1, 6)
+
+
+def test_audit_folder_of_a_real_run_verifies_and_reports(federation):
+    """The run's output folder plus the published ledgers is a complete audit folder."""
+    from medfed.audit.report import build_report
+    from medfed.audit.verify import verify_directory
+
+    _, _, second = federation
+    trail = verify_directory(second.out_dir)
+    assert trail.ok, trail.problems
+    assert sorted(trail.ledgers) == ["h0", "h1", "h2", "h3"]
+    assert trail.counts()["round_records"] == ROUNDS
+    report = build_report(trail)
+    sites = {s["site_id"]: s for s in report["sites"]}
+    assert [r["kind"] for r in sites["h0"]["rounds"]] == ["train"] * (2 * ROUNDS)
+    assert sites["h0"]["second_opinion"]["flagged"] is False
+    assert all(r["kind"] == "decline" and "budget" in r["reason"] for r in sites["h2"]["rounds"])
+    checks = {c["check"]: c["status"] for c in report["pitfalls"]}
+    assert checks["Poisson sampling (each record in each batch independently)"] == "pass"
+    assert checks["Train and test splits disjoint (by patient)"] == "pass"
+    assert checks["Secure random number generator for the noise"] == "fail"
