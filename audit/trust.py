@@ -77,6 +77,9 @@ def load_trusted_keys(directory: Path, roster: Path | None, ca: Path | None) -> 
 
 def _certificate_problem(path: Path, key: Ed25519PublicKey, ca: Path) -> str:
     """Why ``path`` is not a CA-issued certificate for ``key`` ('' when it is)."""
+    from cryptography.x509.oid import NameOID
+
+    from medfed.deploy.layout import COORDINATOR_SUBJECT
     from medfed.deploy.pki import (
         load_ca_certificate,
         load_certificate,
@@ -93,6 +96,9 @@ def _certificate_problem(path: Path, key: Ed25519PublicKey, ca: Path) -> str:
     public = certificate.public_key()
     if not isinstance(public, Ed25519PublicKey) or raw_public_key(public) != raw_public_key(key):
         return f"{path}: certifies another key than coordinator.pub.pem"
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [n.value for n in names] != [COORDINATOR_SUBJECT]:
+        return f"{path}: not a coordinator certificate (CN must be {COORDINATOR_SUBJECT!r})"
     return ""
 
 

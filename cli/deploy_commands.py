@@ -13,14 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 
 from medfed.common.atomic import atomic_write_json
 from medfed.common.config import ConfigError, RunSettings
-from medfed.deploy.bundles import BundleError, load_server_bundle, load_site_bundle
-from medfed.deploy.pki import CertificateError
+from medfed.common.secagg.identity import IdentityError, load_identity
+from medfed.deploy.bundles import (
+    BundleError,
+    ServerBundle,
+    load_server_bundle,
+    load_site_bundle,
+)
+from medfed.deploy.pki import CertificateError, same_public_key
 from medfed.deploy.processes import DeployError
 from medfed.deploy.roster import RosterSignatureError
+from medfed.server.round_log import COORDINATOR_PUBLIC_NAME
 
 console = Console()
 err_console = Console(stderr=True)
@@ -173,7 +181,7 @@ def run(
             "run_name": run_name,
             "resume": resume,
         }
-        settings = _run_settings(opts, out_dir, checked.roster.resolve())
+        settings = _run_settings(opts, out_dir, checked)
         flwr_home = out_dir / ".flwr-home"
         write_connection(flwr_home, superlink or checked.address, checked.ca_cert)
         if not json_out:
@@ -207,14 +215,17 @@ def run(
     raise typer.Exit(0 if record.get("status") == "completed" else 1)
 
 
-def _run_settings(opts: dict[str, Any], out_dir: Path, roster: Path) -> RunSettings:
-    """The run's settings: from the options, or from run.json when resuming."""
+def _run_settings(opts: dict[str, Any], out_dir: Path, bundle: ServerBundle) -> RunSettings:
+    """The run's settings: from the options and the bundle (its roster and the
+    coordinator's signing key, as absolute paths), or from run.json when resuming."""
     if opts["resume"]:
         path = out_dir / "run.json"
         if not path.is_file():
             raise DeployError(f"--resume: {path} does not exist")
         recorded = json.loads(path.read_text(encoding="utf-8"))["settings"]
-        return RunSettings.from_mapping({**recorded, "resume": True})
+        settings = RunSettings.from_mapping({**recorded, "resume": True})
+        _check_resumed_key(settings, out_dir)
+        return settings
     from medfed.cli.main import DEFAULT_MODEL, run_defaults
 
     defaults = run_defaults(opts["task"], opts["dataset"])
@@ -234,10 +245,39 @@ def _run_settings(opts: dict[str, Any], out_dir: Path, roster: Path) -> RunSetti
             "secure_agg": opts["secure_agg"],
             "data_root": "",
             "out_dir": str(out_dir),
-            "secagg_roster": str(roster),
+            "secagg_roster": str(bundle.roster.resolve()),
+            "coordinator_key": str(bundle.coordinator_key.resolve()),
             "run_name": opts["run_name"] or f"{out_dir.name[:55]}-{secrets.token_hex(4)}",
         }
     )
+
+
+def _check_resumed_key(settings: RunSettings, out_dir: Path) -> None:
+    """A resumed run signs its round records with the key it started with (recorded in
+    run.json, like the roster): refuse early if that key is gone or replaced, since
+    round records signed by another key would not verify as one chain."""
+    if not settings.coordinator_key:
+        return
+    key_path = Path(settings.coordinator_key)
+    try:
+        key = load_identity(key_path)
+    except IdentityError as exc:
+        raise DeployError(
+            f"--resume: the run's coordinator signing key (coordinator-key in "
+            f"{out_dir / 'run.json'}) cannot be used: {exc}"
+        ) from None
+    published = out_dir / COORDINATOR_PUBLIC_NAME
+    if not published.is_file():
+        return
+    try:
+        signer = serialization.load_pem_public_key(published.read_bytes())
+    except ValueError:
+        signer = None
+    if signer is None or not same_public_key(signer, key.public_key()):
+        raise DeployError(
+            f"--resume: {key_path} is not the key that signed this run's round records "
+            f"({published}); a resumed run must sign with the key it started with"
+        )
 
 
 def _print_rounds(record: dict[str, Any]) -> None:

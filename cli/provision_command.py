@@ -66,7 +66,8 @@ def provision(
     """Create a consortium's PKI (CA, SuperLink certificate, site bundles, signed roster).
 
     Writes OUT/ca (the CA key: keep it offline, it is in no bundle), OUT/server (the
-    coordinator's TLS key and certificate), OUT/sites/<ID> for every site (its Ed25519
+    coordinator's TLS key and certificate, and the Ed25519 key that signs its round
+    records, with its certificate), OUT/sites/<ID> for every site (its Ed25519
     identity key and certificate, its Flower SuperNode key pair, the CA certificate,
     the roster and a site.toml policy template) and OUT/roster.json, the list of sites
     and their public keys signed by the CA. Private keys are written with mode 0600 and
@@ -201,3 +202,34 @@ def revoke_site(
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     _print_update(update, json_out)
+
+
+@provision_app.command("coordinator-key")
+def coordinator_key(
+    out: Path = typer.Option(DEFAULT_OUT, "--out", help="Folder made by `medfed provision`."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace a coordinator key already in OUT/server."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Add the coordinator's round-record signing key to an older server bundle.
+
+    For a consortium provisioned before `medfed provision` wrote this key.
+    Writes OUT/server/coordinator-identity.pem (Ed25519, 0600) and coordinator.pem (its
+    certificate from the consortium CA); copy both into the coordinator's bundle. The
+    roster and the site bundles are unchanged. A run must be resumed with the key it
+    started with: do not replace the key (--force) while a run may still be resumed.
+    """
+    from medfed.deploy.provision import add_coordinator_key
+
+    try:
+        result = add_coordinator_key(out, force=force)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    if json_out:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    Console().print(
+        f"Wrote the coordinator's signing key {result.key} (keep it secret, mode 0600) and "
+        f"its certificate {result.certificate}; copy both into the coordinator's bundle."
+    )

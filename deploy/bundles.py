@@ -26,6 +26,9 @@ from medfed.common.secagg.identity import (
 from medfed.deploy.layout import (
     BUNDLE_INFO,
     CA_CERT,
+    COORDINATOR_CERT,
+    COORDINATOR_KEY,
+    COORDINATOR_SUBJECT,
     IDENTITY_CERT,
     IDENTITY_KEY,
     ROSTER_NAME,
@@ -92,6 +95,8 @@ class ServerBundle:
     server_cert: Path
     ca_cert: Path
     roster: Path
+    coordinator_key: Path
+    coordinator_cert: Path
 
     @property
     def address(self) -> str:
@@ -149,6 +154,40 @@ def _verify_cert(
     except CertificateError as exc:
         raise BundleError(f"{exc} (CA: {ca_path})") from None
     return cert
+
+
+def _common_names(cert: x509.Certificate) -> list[str]:
+    return [str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+
+
+def _check_coordinator_key(
+    bundle_dir: Path, ca_cert: x509.Certificate, ca_path: Path
+) -> tuple[Path, Path]:
+    """The coordinator's round-record signing key: present, 0600, Ed25519, and certified
+    by the bundle's CA as the coordinator's."""
+    key_path, cert_path = bundle_dir / COORDINATOR_KEY, bundle_dir / COORDINATOR_CERT
+    for path in (key_path, cert_path):
+        if not path.is_file():
+            raise BundleError(
+                f"{path} is missing from the server bundle: the coordinator needs its "
+                "round-record signing key and certificate (bundles provisioned before "
+                "medfed signed round records have none). On the CA machine run `medfed "
+                f"provision coordinator-key --out PKI`, then copy PKI/server/{COORDINATOR_KEY} "
+                f"(mode 0600) and PKI/server/{COORDINATOR_CERT} into {bundle_dir}"
+            )
+    check_private_key_mode(key_path)
+    try:
+        key = load_identity(key_path)
+    except IdentityError as exc:
+        raise BundleError(str(exc)) from None
+    cert = _verify_cert(cert_path, ca_cert, ca_path, "coordinator certificate")
+    if not same_public_key(cert.public_key(), key.public_key()):
+        raise BundleError(f"coordinator certificate {cert_path} is not for the key in {key_path}")
+    if (names := _common_names(cert)) != [COORDINATOR_SUBJECT]:
+        raise BundleError(
+            f"coordinator certificate {cert_path} names {names}, expected {COORDINATOR_SUBJECT!r}"
+        )
+    return key_path, cert_path
 
 
 def _str_field(info: dict[str, Any], key: str, where: Path) -> str:
@@ -218,8 +257,7 @@ def load_site_bundle(bundle_dir: Path) -> SiteBundle:
         raise BundleError(
             f"identity certificate {cert_path} is not for the key in {bundle_dir / IDENTITY_KEY}"
         )
-    common_names = [a.value for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
-    if common_names != [site_id]:
+    if (common_names := _common_names(cert)) != [site_id]:
         raise BundleError(
             f"identity certificate {cert_path} names {common_names}, expected site {site_id!r}"
         )
@@ -267,7 +305,9 @@ def load_site_bundle(bundle_dir: Path) -> SiteBundle:
 def load_server_bundle(bundle_dir: Path) -> ServerBundle:
     """Check the coordinator's bundle; :class:`BundleError` naming the file if a file is
     missing, server.key is readable by others or does not match server.pem, server.pem
-    is not issued by ca.pem or lacks a listed host, or the roster does not verify."""
+    is not issued by ca.pem or lacks a listed host, the roster does not verify, or the
+    coordinator's signing key (coordinator-identity.pem) is missing, readable by others,
+    or not the key its certificate (coordinator.pem, from ca.pem) is for."""
     bundle_dir = Path(bundle_dir)
     files = [SERVER_KEY, SERVER_CERT, CA_CERT, ROSTER_NAME, SERVER_INFO]
     _require_files(bundle_dir, files, "server bundle")
@@ -305,6 +345,7 @@ def load_server_bundle(bundle_dir: Path) -> ServerBundle:
             )
     roster_path = bundle_dir / ROSTER_NAME
     roster = _bundle_roster(roster_path, ca_cert, consortium, info_path)
+    coordinator_key, coordinator_cert = _check_coordinator_key(bundle_dir, ca_cert, ca_path)
     return ServerBundle(
         bundle_dir=bundle_dir,
         consortium=consortium,
@@ -315,4 +356,6 @@ def load_server_bundle(bundle_dir: Path) -> ServerBundle:
         server_cert=cert_path,
         ca_cert=ca_path,
         roster=roster_path,
+        coordinator_key=coordinator_key,
+        coordinator_cert=coordinator_cert,
     )

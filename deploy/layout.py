@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.deploy.pki import ProvisionError, check_host
+from medfed.server.round_log import COORDINATOR_CERT_NAME, COORDINATOR_KEY_NAME
 
 DEFAULT_PORT = 9092
 DEFAULT_DAYS = 825
@@ -28,6 +29,12 @@ SERVER_DIR = "server"
 SERVER_KEY = "server.key"
 SERVER_CERT = "server.pem"
 SERVER_INFO = "server.json"
+# The coordinator's Ed25519 key that signs its round records, and its CA-issued
+# certificate: the ServerApp copies the certificate found beside the key into --out.
+COORDINATOR_KEY = COORDINATOR_KEY_NAME
+COORDINATOR_CERT = COORDINATOR_CERT_NAME
+COORDINATOR_SUBJECT = "medfed coordinator"
+"""CN of the coordinator's certificate; has a space, so no site id can take it."""
 SITES_DIR = "sites"
 IDENTITY_KEY = "identity.key"
 IDENTITY_CERT = "identity.pem"

@@ -7,15 +7,18 @@ Layout under the output folder ``OUT``::
     OUT/roster.json          the CA-signed roster (master copy)
     OUT/consortium.json      consortium name, SuperLink hosts and port (used by add-site)
     OUT/server/              the coordinator's bundle: server.key (0600), server.pem,
-                             ca.pem, roster.json, server.json
+                             coordinator-identity.pem (0600), coordinator.pem, ca.pem,
+                             roster.json, server.json
     OUT/sites/<ID>/          one hospital's bundle: identity.key (0600), identity.pem,
                              supernode.key (0600), supernode.pub, ca.pem, roster.json,
                              site.toml (policy template), bundle.json
 
 :func:`provision` creates it all, :func:`add_site` enrols one more site and
 :func:`revoke_site` removes one; both re-sign the roster with the next serial and copy it
-into every bundle. File names are in :mod:`medfed.deploy.layout`; checking a bundle
-before use is :mod:`medfed.deploy.bundles`.
+into every bundle. :func:`add_coordinator_key` gives a server bundle provisioned before
+the coordinator signed its round records its signing key and certificate. File names
+are in :mod:`medfed.deploy.layout`; checking a bundle before use is
+:mod:`medfed.deploy.bundles`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ from medfed.deploy.layout import (
     CA_DIR,
     CA_KEY,
     CONSORTIUM_NAME,
+    COORDINATOR_CERT,
+    COORDINATOR_KEY,
+    COORDINATOR_SUBJECT,
     DEFAULT_DAYS,
     DEFAULT_PORT,
     IDENTITY_CERT,
@@ -203,6 +209,31 @@ def _private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def _write_identity(writer: _Writer, path: Path, identity: Ed25519PrivateKey) -> None:
+    """An Ed25519 identity key: atomically, 0600 (the caller checked for an existing one)."""
+    save_identity(path, identity)
+    os.chmod(path, 0o600)
+    writer.written.append(path)
+
+
+def _new_coordinator_key(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, consortium: str, days: int
+) -> tuple[Ed25519PrivateKey, x509.Certificate]:
+    """The coordinator's round-record signing key and its CA-issued certificate."""
+    key = generate_identity()
+    cert = issue_identity_certificate(
+        ca_key, ca_cert, COORDINATOR_SUBJECT, consortium, key.public_key(), days
+    )
+    return key, cert
+
+
+def _write_coordinator_key(
+    writer: _Writer, server_dir: Path, key: Ed25519PrivateKey, cert: x509.Certificate
+) -> None:
+    _write_identity(writer, server_dir / COORDINATOR_KEY, key)
+    writer.public(server_dir / COORDINATOR_CERT, certificate_pem(cert))
+
+
 def _site_key_paths(site_dir: Path) -> list[Path]:
     return [site_dir / IDENTITY_KEY, site_dir / SUPERNODE_KEY]
 
@@ -223,9 +254,7 @@ def _write_site_bundle(
     _private_dir(site_dir)
     if not writer.force:
         refuse_existing([site_dir / IDENTITY_KEY])
-    save_identity(site_dir / IDENTITY_KEY, identity)
-    os.chmod(site_dir / IDENTITY_KEY, 0o600)
-    writer.written.append(site_dir / IDENTITY_KEY)
+    _write_identity(writer, site_dir / IDENTITY_KEY, identity)
     writer.public(site_dir / IDENTITY_CERT, certificate_pem(identity_cert))
     writer.private(site_dir / SUPERNODE_KEY, supernode_private_openssh(supernode_key))
     writer.public(
@@ -304,6 +333,7 @@ def provision(
         ca_dir / CA_CERT,
         out_dir / ROSTER_NAME,
         server_dir / SERVER_KEY,
+        server_dir / COORDINATOR_KEY,
         *(p for site_id in ids for p in _site_key_paths(sites_dir / site_id)),
     ]
     if not force:
@@ -312,6 +342,7 @@ def provision(
     # Everything is made in memory first, so a failure here writes nothing.
     ca_key, ca_cert = create_ca(name, days)
     server_key, server_cert = issue_server_certificate(ca_key, ca_cert, hosts, days)
+    coordinator_key, coordinator_cert = _new_coordinator_key(ca_key, ca_cert, name, days)
     new_sites = [
         _new_site(ca_key, ca_cert, name, site_id, node_id, days)
         for node_id, site_id in enumerate(ids, start=1)
@@ -336,6 +367,7 @@ def provision(
     _private_dir(server_dir)
     writer.private(server_dir / SERVER_KEY, private_pem(server_key))
     writer.public(server_dir / SERVER_CERT, certificate_pem(server_cert))
+    _write_coordinator_key(writer, server_dir, coordinator_key, coordinator_cert)
     writer.public(server_dir / CA_CERT, certificate_pem(ca_cert))
     writer.json(server_dir / SERVER_INFO, {"consortium": name, "hosts": hosts, "port": port})
     entries = []
@@ -534,3 +566,41 @@ def revoke_site(out_dir: Path, site_id: str, reason: str = "") -> RosterUpdate:
     node_id = roster.site(site_id).node_id
     entry = SiteEntry(site_id, node_id, con.out_dir / SITES_DIR / site_id)
     return _publish(con, roster.with_revoked(site_id, reason), "revoke-site", entry, reason=reason)
+
+
+@dataclass(frozen=True)
+class CoordinatorKeyResult:
+    """What :func:`add_coordinator_key` wrote."""
+
+    out_dir: Path
+    consortium: str
+    key: Path
+    certificate: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": "coordinator-key",
+            "consortium": self.consortium,
+            "out_dir": str(self.out_dir),
+            "coordinator_key": str(self.key),
+            "coordinator_certificate": str(self.certificate),
+        }
+
+
+def add_coordinator_key(out_dir: Path, force: bool = False) -> CoordinatorKeyResult:
+    """Write the coordinator's round-record signing key and its CA-issued certificate into
+    ``OUT/server`` (for a consortium provisioned before :func:`provision` wrote them).
+
+    Without ``force`` an existing key is an error (nothing is written). The roster and
+    every other file are left as they are.
+    """
+    con = _open_consortium(out_dir)
+    server_dir = con.out_dir / SERVER_DIR  # created (0700) if it was deleted after handover
+    if not force:
+        refuse_existing([server_dir / COORDINATOR_KEY])
+    key, cert = _new_coordinator_key(con.ca_key, con.ca_cert, con.name, con.days)
+    _private_dir(server_dir)
+    _write_coordinator_key(_Writer(force=True), server_dir, key, cert)
+    return CoordinatorKeyResult(
+        con.out_dir, con.name, server_dir / COORDINATOR_KEY, server_dir / COORDINATOR_CERT
+    )

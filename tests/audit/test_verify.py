@@ -249,8 +249,9 @@ def test_round_attestation_round_trips(trail: Trail) -> None:
     assert not replace(record, round=2).signed_by(generate_identity().public_key())
 
 
-def _consortium(trail: Trail, tmp_path: Path) -> Path:
+def _consortium(trail: Trail, tmp_path: Path, coordinator_name: str = "") -> Path:
     """Sign the trail's roster with a fresh consortium CA; certify the coordinator key."""
+    from medfed.deploy.layout import COORDINATOR_SUBJECT
     from medfed.deploy.pki import (
         certificate_pem,
         create_ca,
@@ -273,7 +274,12 @@ def _consortium(trail: Trail, tmp_path: Path) -> Path:
     roster = ConsortiumRoster("Northgate", 1, "2026-11-30T10:00:00Z", sites)
     write_signed_roster(trail.root / "roster.json", roster, ca_key)
     cert = issue_identity_certificate(
-        ca_key, ca_cert, "coordinator", "Northgate", trail.coordinator.public_key(), 30
+        ca_key,
+        ca_cert,
+        coordinator_name or COORDINATOR_SUBJECT,
+        "Northgate",
+        trail.coordinator.public_key(),
+        30,
     )
     (trail.root / "coordinator.pem").write_bytes(certificate_pem(cert))
     ca = tmp_path / "ca.pem"
@@ -307,3 +313,10 @@ def test_coordinator_certificate_for_another_key(trail: Trail, tmp_path: Path) -
     problems = [str(p) for p in verify_directory(trail.root, ca=ca).problems]
     assert any("certifies another key" in p for p in problems), problems
     assert any("coordinator's signature does not verify" in p for p in problems)
+
+
+def test_a_sites_certificate_cannot_stand_for_the_coordinator(trail: Trail, tmp_path: Path) -> None:
+    """A CA-issued certificate with a site's name does not certify a coordinator key."""
+    ca = _consortium(trail, tmp_path, coordinator_name="hospital-a")
+    problems = [str(p) for p in verify_directory(trail.root, ca=ca).problems]
+    assert any("not a coordinator certificate" in p for p in problems), problems

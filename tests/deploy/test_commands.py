@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import tomllib
 from pathlib import Path
@@ -10,7 +11,14 @@ import pytest
 from flwr.common.config import parse_config_args
 
 import medfed.deploy.submit as submit_module
+from medfed.cli.deploy_commands import _run_settings
 from medfed.common.config import RunSettings
+from medfed.common.secagg.identity import (
+    generate_identity,
+    load_identity,
+    public_key_bytes,
+    save_identity,
+)
 from medfed.deploy.bundles import load_server_bundle, load_site_bundle
 from medfed.deploy.processes import DeployError
 from medfed.deploy.provision import provision
@@ -22,6 +30,12 @@ from medfed.deploy.supernode import (
     check_site_policy,
     node_config,
     supernode_command,
+)
+from medfed.server.round_log import (
+    COORDINATOR_CERT_NAME,
+    coordinator_key_path,
+    load_coordinator_key,
+    publish_audit_keys,
 )
 
 
@@ -123,3 +137,96 @@ def test_run_submission_is_stopped_at_its_time_limit(
         submit_module.submit(RunSettings(), tmp_path / "app", tmp_path / "home", lines.append, 1)
     assert lines == ["started"]
     assert time.monotonic() - started < 30
+
+
+def _run_opts(**changes: object) -> dict[str, object]:
+    opts: dict[str, object] = {
+        "task": "risk",
+        "dataset": "synthetic",
+        "model": None,
+        "rounds": 2,
+        "epsilon": 2.0,
+        "delta": 1e-5,
+        "min_sites": 2,
+        "secure_agg": "medfed",
+        "run_name": "study-1",
+        "resume": False,
+    }
+    return {**opts, **changes}
+
+
+def test_run_signs_its_round_records_with_the_bundles_coordinator_key(
+    pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(pki)  # a relative --bundle still gives the ServerApp absolute paths
+    bundle = load_server_bundle(Path("server"))
+    settings = _run_settings(_run_opts(), tmp_path / "out", bundle)
+    assert settings.coordinator_key == str(pki / "server" / "coordinator-identity.pem")
+    assert settings.secagg_roster == str(pki / "server" / "roster.json")
+    assert coordinator_key_path(settings) == pki / "server" / "coordinator-identity.pem"
+    assert RunSettings.from_flower(settings.to_flower()) == settings
+    # the key the ServerApp signs with, and the certificate it publishes beside it
+    signing = load_coordinator_key(settings).public_key().public_bytes_raw()
+    assert signing == public_key_bytes(load_identity(bundle.coordinator_key))
+    certificate = coordinator_key_path(settings).with_name(COORDINATOR_CERT_NAME)
+    assert certificate == pki / "server" / "coordinator.pem"
+
+
+def _started(out: Path, settings: RunSettings) -> None:
+    """What the ServerApp leaves in --out that a resume reads."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"settings": settings.model_dump()}))
+    publish_audit_keys(out, load_coordinator_key(settings), Path(settings.secagg_roster))
+
+
+def test_resume_keeps_the_key_the_run_started_with(pki: Path, tmp_path: Path) -> None:
+    bundle = load_server_bundle(pki / "server")
+    out = tmp_path / "out"
+    started = _run_settings(_run_opts(), out, bundle)
+    _started(out, started)
+    resumed = _run_settings(_run_opts(resume=True, rounds=9), out, bundle)
+    assert resumed.coordinator_key == started.coordinator_key
+    assert resumed == started.model_copy(update={"resume": True})
+
+
+def test_resume_refuses_a_replaced_or_missing_coordinator_key(pki: Path, tmp_path: Path) -> None:
+    bundle = load_server_bundle(pki / "server")
+    out = tmp_path / "out"
+    key_copy = tmp_path / "key.pem"
+    key_copy.write_bytes(bundle.coordinator_key.read_bytes())
+    key_copy.chmod(0o600)
+    started = _run_settings(_run_opts(), out, bundle).model_copy(
+        update={"coordinator_key": str(key_copy)}
+    )
+    _started(out, started)
+    save_identity(key_copy, generate_identity())  # re-provisioned since the run started
+    with pytest.raises(DeployError, match="is not the key that signed this run's round records"):
+        _run_settings(_run_opts(resume=True), out, bundle)
+    key_copy.unlink()
+    with pytest.raises(DeployError, match=r"--resume: the run's coordinator signing key.*key\.pem"):
+        _run_settings(_run_opts(resume=True), out, bundle)
+
+
+def test_medfed_run_hands_flower_the_coordinator_key(
+    pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`medfed run` up to the submission, with a stand-in for `flwr run`."""
+    from typer.testing import CliRunner
+
+    from medfed.cli.main import app
+
+    submitted: list[RunSettings] = []
+
+    def fake_submit(settings: RunSettings, *args: object, **kwargs: object) -> int:
+        submitted.append(settings)
+        record = {"status": "completed", "settings": settings.model_dump(), "rounds": []}
+        (Path(settings.out_dir) / "run.json").write_text(json.dumps(record))
+        return 0
+
+    monkeypatch.setattr(submit_module, "submit", fake_submit)
+    out = tmp_path / "out"
+    args = ["run", "--bundle", str(pki / "server"), "--out", str(out), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (settings,) = submitted
+    assert settings.coordinator_key == str(pki / "server" / "coordinator-identity.pem")

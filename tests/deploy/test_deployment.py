@@ -34,7 +34,7 @@ def train_rounds(entries: list[dict], run_id: str) -> list[int]:
 def secrets_of(c: Consortium) -> list[str]:
     """Fragments of every private key in the consortium, as they would appear in a log."""
     fragments = []
-    for path in c.pki.rglob("*.key"):
+    for path in [*c.pki.rglob("*.key"), *c.pki.rglob("coordinator-identity.pem")]:
         body = b"".join(
             line for line in path.read_bytes().splitlines() if not line.startswith(b"-----")
         )

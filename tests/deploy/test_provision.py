@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import stat
 
 import pytest
@@ -11,9 +12,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
+from medfed.audit.trust import load_trusted_keys
 from medfed.cli.main import app
 from medfed.client.policy import load_policy
-from medfed.common.secagg.identity import Roster, load_identity, public_key_bytes
+from medfed.common.secagg.identity import (
+    Roster,
+    generate_identity,
+    load_identity,
+    public_key_bytes,
+    save_identity,
+)
+from medfed.deploy import layout
 from medfed.deploy.bundles import BundleError, load_server_bundle, load_site_bundle
 from medfed.deploy.pki import (
     ProvisionError,
@@ -23,12 +32,15 @@ from medfed.deploy.pki import (
     load_ca_certificate,
     verify_certificate_signed_by,
 )
-from medfed.deploy.provision import add_site, provision, revoke_site
+from medfed.deploy.provision import add_coordinator_key, add_site, provision, revoke_site
 from medfed.deploy.roster import RosterSignatureError, UnknownSiteError, load_signed_roster
+from medfed.server import round_log
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 HOSTS = ["fl.example.org", "10.0.0.5"]
 runner = CliRunner()
+COORDINATOR_KEY = "server/coordinator-identity.pem"
+COORDINATOR_CERT = "server/coordinator.pem"
 
 
 @pytest.fixture
@@ -51,7 +63,7 @@ def _snapshot(root):
 
 
 def _private_keys(out):
-    return [out / "ca/ca.key", out / "server/server.key"] + [
+    return [out / "ca/ca.key", out / "server/server.key", out / COORDINATOR_KEY] + [
         out / "sites" / s / name for s in SITES for name in ("identity.key", "supernode.key")
     ]
 
@@ -67,6 +79,8 @@ def test_provision_writes_the_layout(pki):
         "roster.json",
         "consortium.json",
         *(f"server/{n}" for n in ("server.key", "server.pem", "ca.pem", "roster.json")),
+        COORDINATOR_KEY,
+        COORDINATOR_CERT,
         "server/server.json",
         *(
             f"sites/{s}/{n}"
@@ -164,6 +178,48 @@ def test_roster_lists_the_sites_and_is_the_same_everywhere(pki):
     assert plain.node_of(public_key_bytes(identity)) == 3
 
 
+def test_coordinator_key_is_certified_by_the_ca(pki):
+    out, _ = pki
+    ca_cert = load_ca_certificate(out / "ca/ca.pem")
+    key = load_identity(out / COORDINATOR_KEY)
+    cert = x509.load_pem_x509_certificate((out / COORDINATOR_CERT).read_bytes())
+    verify_certificate_signed_by(cert, ca_cert)
+    assert cert.public_key().public_bytes_raw() == public_key_bytes(key)
+    subject = {a.oid: a.value for a in cert.subject}
+    assert subject == {
+        x509.NameOID.COMMON_NAME: "medfed coordinator",
+        x509.NameOID.ORGANIZATION_NAME: "North Imaging",
+    }
+    # not a site's identity key: the roster does not list it
+    roster = load_signed_roster(out / "roster.json", ca_cert).secagg_roster()
+    assert public_key_bytes(key) not in roster.keys.values()
+    bundle = load_server_bundle(out / "server")
+    assert (bundle.coordinator_key, bundle.coordinator_cert) == (
+        out / COORDINATOR_KEY,
+        out / COORDINATOR_CERT,
+    )
+
+
+def test_layout_names_are_the_coordinators(pki):
+    """The bundle's file names are the ones the ServerApp looks for beside its key."""
+    assert layout.COORDINATOR_KEY == round_log.COORDINATOR_KEY_NAME == "coordinator-identity.pem"
+    assert layout.COORDINATOR_CERT == round_log.COORDINATOR_CERT_NAME == "coordinator.pem"
+
+
+def test_the_run_publishes_a_certificate_the_audit_accepts(pki, tmp_path):
+    """What the ServerApp copies into --out from a provisioned bundle passes `audit --ca`."""
+    out, _ = pki
+    bundle = load_server_bundle(out / "server")
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    key = load_identity(bundle.coordinator_key)
+    round_log.publish_audit_keys(audit, key, bundle.roster, bundle.coordinator_key)
+    assert (audit / "coordinator.pem").read_bytes() == bundle.coordinator_cert.read_bytes()
+    trusted = load_trusted_keys(audit, None, out / "ca/ca.pem")
+    assert trusted.problems == ()
+    assert "certified by the CA" in trusted.source
+
+
 # -- never overwrite ----------------------------------------------------------------------
 
 
@@ -181,6 +237,17 @@ def test_one_existing_site_key_blocks_everything(tmp_path):
     key.parent.mkdir(parents=True)
     key.write_bytes(b"keep me")
     with pytest.raises(ProvisionError, match=re.escape(str(key))):
+        provision(out, "North Imaging", HOSTS, SITES, days=30)
+    assert [p for p in out.rglob("*") if p.is_file()] == [key]
+    assert key.read_bytes() == b"keep me"
+
+
+def test_an_existing_coordinator_key_blocks_everything(tmp_path):
+    out = tmp_path / "pki"
+    key = out / COORDINATOR_KEY
+    key.parent.mkdir(parents=True)
+    key.write_bytes(b"keep me")
+    with pytest.raises(ProvisionError, match=re.escape(str(key)) + ".*--force"):
         provision(out, "North Imaging", HOSTS, SITES, days=30)
     assert [p for p in out.rglob("*") if p.is_file()] == [key]
     assert key.read_bytes() == b"keep me"
@@ -295,6 +362,45 @@ def test_tampered_master_roster_stops_updates(pki):
         add_site(out, "hospital-d")
 
 
+def test_roster_updates_leave_the_coordinator_key_alone(pki):
+    out, _ = pki
+    before = {p: _snapshot(out)[p] for p in (out / COORDINATOR_KEY, out / COORDINATOR_CERT)}
+    add_site(out, "hospital-d")
+    revoke_site(out, "hospital-a")
+    assert {p: _snapshot(out)[p] for p in before} == before
+    assert load_server_bundle(out / "server").serial == 3
+
+
+def _make_old(out):
+    """A bundle as provisioned before the coordinator signed its round records."""
+    (out / COORDINATOR_KEY).unlink()
+    (out / COORDINATOR_CERT).unlink()
+
+
+def test_coordinator_key_can_be_added_to_an_old_consortium(pki):
+    out, _ = pki
+    _make_old(out)
+    with pytest.raises(BundleError, match=r"coordinator-identity\.pem is missing.*coordinator-key"):
+        load_server_bundle(out / "server")
+    result = add_coordinator_key(out)
+    assert (result.key, result.certificate) == (out / COORDINATOR_KEY, out / COORDINATOR_CERT)
+    assert _mode(out / COORDINATOR_KEY) == 0o600 and _mode(out / COORDINATOR_CERT) == 0o644
+    assert load_server_bundle(out / "server").coordinator_key == out / COORDINATOR_KEY
+    before = _snapshot(out)
+    with pytest.raises(ProvisionError, match=r"coordinator-identity\.pem already exists.*--force"):
+        add_coordinator_key(out)
+    assert _snapshot(out) == before
+    add_coordinator_key(out, force=True)
+    assert (out / COORDINATOR_KEY).read_bytes() != before[out / COORDINATOR_KEY][0]
+    assert (out / "roster.json").read_bytes() == before[out / "roster.json"][0]
+    load_server_bundle(out / "server")
+    with pytest.raises(ProvisionError, match="made by `medfed provision`"):
+        add_coordinator_key(out / "nowhere")
+    shutil.rmtree(out / "server")  # deleted from the CA machine after handover
+    add_coordinator_key(out)
+    assert _mode(out / "server") == 0o700 and _mode(out / COORDINATOR_KEY) == 0o600
+
+
 # -- bundle checks ------------------------------------------------------------------------
 
 
@@ -322,6 +428,57 @@ def test_server_bundle_refuses_a_readable_key(pki):
     out, _ = pki
     (out / "server/server.key").chmod(0o640)
     with pytest.raises(BundleError, match=r"server\.key.*chmod 600"):
+        load_server_bundle(out / "server")
+
+
+def test_server_bundle_refuses_a_missing_coordinator_key_or_certificate(pki):
+    out, _ = pki
+    (out / COORDINATOR_CERT).unlink()
+    with pytest.raises(BundleError, match=r"server/coordinator\.pem is missing.*coordinator-key"):
+        load_server_bundle(out / "server")
+    (out / COORDINATOR_KEY).unlink()
+    with pytest.raises(BundleError, match=r"coordinator-identity\.pem is missing"):
+        load_server_bundle(out / "server")
+
+
+def test_server_bundle_refuses_a_readable_coordinator_key(pki):
+    out, _ = pki
+    key = out / COORDINATOR_KEY
+    key.chmod(0o640)
+    with pytest.raises(BundleError, match=re.escape(str(key)) + ".*0640.*chmod 600"):
+        load_server_bundle(out / "server")
+
+
+def test_server_bundle_refuses_a_coordinator_certificate_from_another_ca(pki):
+    out, _ = pki
+    other_key, other_cert = create_ca("North Imaging", days=30)
+    cert = issue_identity_certificate(
+        other_key,
+        other_cert,
+        "medfed coordinator",
+        "North Imaging",
+        load_identity(out / COORDINATOR_KEY).public_key(),
+        30,
+    )
+    (out / COORDINATOR_CERT).write_bytes(certificate_pem(cert))
+    with pytest.raises(BundleError, match=r"coordinator\.pem is not signed by"):
+        load_server_bundle(out / "server")
+
+
+def test_server_bundle_refuses_a_coordinator_certificate_for_another_key(pki):
+    out, _ = pki
+    # another key in the key file, the certificate left as it is
+    save_identity(out / COORDINATOR_KEY, generate_identity())
+    with pytest.raises(BundleError, match=r"coordinator\.pem is not for the key in"):
+        load_server_bundle(out / "server")
+    # a site's identity key and its CA-issued certificate: right CA, wrong holder
+    site = out / "sites/hospital-a"
+    save_identity(out / COORDINATOR_KEY, load_identity(site / "identity.key"))
+    (out / COORDINATOR_CERT).write_bytes((site / "identity.pem").read_bytes())
+    with pytest.raises(BundleError, match=r"names \['hospital-a'\], expected 'medfed coordinator'"):
+        load_server_bundle(out / "server")
+    (out / COORDINATOR_KEY).write_bytes(b"not a key")
+    with pytest.raises(BundleError, match=re.escape(str(out / COORDINATOR_KEY))):
         load_server_bundle(out / "server")
 
 
@@ -467,6 +624,24 @@ def test_cli_errors_exit_2(tmp_path):
 
     nowhere = runner.invoke(app, ["provision", "add-site", "x", "--out", str(tmp_path / "no")])
     assert nowhere.exit_code == 2 and "consortium.json" in nowhere.output
+
+
+def test_cli_coordinator_key(tmp_path):
+    out = tmp_path / "pki"
+    assert runner.invoke(app, _provision_args(out)).exit_code == 0
+    args = ["provision", "coordinator-key", "--out", str(out)]
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--force" in again.output
+    _make_old(out)
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["coordinator_key"] == str(out / COORDINATOR_KEY)
+    assert summary["coordinator_certificate"] == str(out / COORDINATOR_CERT)
+    load_server_bundle(out / "server")
+    result = runner.invoke(app, [*args, "--force"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "copy both into the coordinator's bundle" in result.output
 
 
 def test_cli_help(tmp_path):
