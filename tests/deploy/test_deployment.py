@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -60,6 +61,24 @@ def test_three_hospitals_complete_a_run_over_tls(consortium: Consortium) -> None
     assert (out / "checkpoints" / "round-0003.npz").is_file()
     for site in SITES:
         assert train_rounds(ledger(c.data(site)), "r1") == [1, 2, 3]
+
+    # The run's folder plus the hospitals' ledgers verifies against the consortium CA:
+    # every entry signed with the enrolled identity keys, every round record with the
+    # coordinator's CA-certified key.
+    for site in SITES:
+        (out / "ledgers").mkdir(exist_ok=True)
+        shutil.copyfile(c.data(site) / "ledger.jsonl", out / "ledgers" / f"{site}.jsonl")
+    audit = subprocess.run(
+        [MEDFED, "audit", "verify", str(out), "--ca", str(c.pki / "ca" / "ca.pem"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    verified = json.loads(audit.stdout)
+    assert verified["checked"]["round_records"] == 3
+    assert verified["checked"]["signatures"] == 3 + 3 * 3
+    assert "coordinator key certified by the CA" in verified["trust"]
 
     # A run the sites' policies forbid (no secure aggregation) is declined at every site,
     # with the reason in the coordinator's summary and in each site's ledger.
