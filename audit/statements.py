@@ -62,10 +62,10 @@ def privacy_statement(
     not_covered = list(NOT_COVERED)
     if spends and not all(e.evidence.get("noise_secure_rng") is True for e in spends):
         not_covered.append(
-            "The noise comes from a non-cryptographic generator (torch's default Mersenne "
-            "Twister; Opacus secure_mode needs torchcsprng, not installed): the DP proof "
-            "assumes truly random noise, which an attacker able to predict the generator "
-            "could undo. See the pitfall checks."
+            "The noise and the Poisson sampling draws come from a non-cryptographic "
+            "generator (torch's default Mersenne Twister; Opacus secure_mode needs "
+            "torchcsprng, not installed): the DP proof assumes truly random draws, which an "
+            "attacker able to predict the generator could undo. See the pitfall checks."
         )
     if protocol == "off":
         not_covered.append(
