@@ -6,7 +6,8 @@ violations, script dialogs, the DOM after load, whether the embedded plots decod
 a screenshot. No extra Python package is needed; only the ``chromium`` Debian package.
 
 Skipped when chromium is not installed, except under CI (``CI`` set), where it fails.
-Set ``MEDFED_AUDIT_SCREENSHOT=docs/audit-report.png`` to refresh the docs screenshot.
+Set ``MEDFED_AUDIT_SCREENSHOT=PATH`` to keep the screenshot of the test's sample report
+(``docs/audit-report.png`` shows a real run's report instead; see docs/audit.md).
 """
 
 from __future__ import annotations
