@@ -17,19 +17,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from medfed.common.atomic import atomic_write_bytes
 from medfed.common.privacy import ACCOUNTANT, Spend, epsilon_of
-from medfed.common.signed_log import (
-    GENESIS,
-    entry_hash,
-    key_id,
-    sign_hash,
-    signature_valid,
-)
+from medfed.common.signed_log import GENESIS, SignedEntry, entry_hash, key_id, sign_hash
 
 LEDGER_NAME = "ledger.jsonl"
 LEDGER_VERSION = 2
@@ -43,7 +37,7 @@ class LedgerError(ValueError):
 
 
 @dataclass(frozen=True)
-class LedgerEntry:
+class LedgerEntry(SignedEntry):
     """One round at one site: either a DP-SGD spend (``train``) or a refusal.
 
     Parameters
@@ -105,17 +99,10 @@ class LedgerEntry:
     signer: str = ""
     signature: str = ""
 
+    TAG: ClassVar[bytes] = LEDGER_TAG
+
     def spend(self) -> Spend:
         return Spend(self.noise_multiplier, self.sample_rate, self.steps)
-
-    def compute_hash(self) -> str:
-        return entry_hash(asdict(self))
-
-    def signed_by(self, public_key: Ed25519PublicKey) -> bool:
-        """Whether ``public_key`` is the entry's signer and its signature is valid."""
-        return self.signer == key_id(public_key) and signature_valid(
-            public_key, LEDGER_TAG, self.entry_hash, self.signature
-        )
 
 
 _FIELDS = {f.name for f in fields(LedgerEntry)}

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import asdict
+from typing import Any, ClassVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -58,3 +59,24 @@ def signature_valid(key: Ed25519PublicKey, tag: bytes, digest: str, signature: s
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+class SignedEntry:
+    """Mixin for an entry dataclass with ``entry_hash``, ``signer`` and ``signature``.
+
+    ``TAG`` is the log's domain-separation tag.
+    """
+
+    TAG: ClassVar[bytes] = b""
+    entry_hash: str
+    signer: str
+    signature: str
+
+    def compute_hash(self) -> str:
+        return entry_hash(asdict(self))  # type: ignore[call-overload]
+
+    def signed_by(self, public_key: Ed25519PublicKey) -> bool:
+        """Whether ``public_key`` is the entry's signer and its signature is valid."""
+        return self.signer == key_id(public_key) and signature_valid(
+            public_key, self.TAG, self.entry_hash, self.signature
+        )

@@ -20,10 +20,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from medfed.common.atomic import atomic_write_bytes
 from medfed.common.secagg.identity import (
@@ -32,7 +32,7 @@ from medfed.common.secagg.identity import (
     load_identity,
     save_identity,
 )
-from medfed.common.signed_log import GENESIS, entry_hash, key_id, sign_hash, signature_valid
+from medfed.common.signed_log import GENESIS, SignedEntry, entry_hash, key_id, sign_hash
 
 if TYPE_CHECKING:
     from medfed.common.config import RunSettings
@@ -53,7 +53,7 @@ class RoundLogError(ValueError):
 
 
 @dataclass(frozen=True)
-class RoundAttestation:
+class RoundAttestation(SignedEntry):
     """One round as the coordinator attests it.
 
     Parameters
@@ -89,13 +89,7 @@ class RoundAttestation:
     signer: str = ""
     signature: str = ""
 
-    def compute_hash(self) -> str:
-        return entry_hash(asdict(self))
-
-    def signed_by(self, public_key: Ed25519PublicKey) -> bool:
-        return self.signer == key_id(public_key) and signature_valid(
-            public_key, ROUND_LOG_TAG, self.entry_hash, self.signature
-        )
+    TAG: ClassVar[bytes] = ROUND_LOG_TAG
 
 
 _FIELDS = {f.name for f in fields(RoundAttestation)}
