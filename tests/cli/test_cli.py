@@ -85,11 +85,14 @@ def test_synth_identities_gives_each_site_a_key_in_the_roster(tmp_path):
     args = ["synth", "risk", "--sites", "3", "--size-scale", "0.1", "--out", str(tmp_path)]
     assert runner.invoke(app, args).exit_code == 0
     first = Roster.load(tmp_path / "roster.json")
+    (tmp_path / "site-1" / "site-identity.pem").unlink()
     result = runner.invoke(app, ["synth", "identities", "--data-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     roster = Roster.load(tmp_path / "roster.json")
     assert set(roster.keys) == {0, 1, 2}
-    assert set(roster.keys.values()).isdisjoint(first.keys.values())  # fresh keys
+    # Existing keys are kept (they have signed the sites' ledgers); a lost one is replaced.
+    assert roster.keys[0] == first.keys[0] and roster.keys[2] == first.keys[2]
+    assert roster.keys[1] != first.keys[1]
     for i in range(3):
         identity = load_site_identity(
             tmp_path / f"site-{i}" / "site-identity.pem", tmp_path / "roster.json"

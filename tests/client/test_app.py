@@ -51,10 +51,16 @@ def test_query_fit_evaluate_carry_only_aggregates(client):
         "records-used",
         "records-skipped",
         "train-records",
+        "ledger-length",  # the ledger's head, for the coordinator's signed round record
+        "ledger-head",
     }
+    assert reply["ledger-length"] == 0 and reply["ledger-head"] == "0" * 64
     weights = get_weights(build_model("logreg", 6, 42))
     new, n, metrics = client.fit(weights, {ROUND_KEY: 1})
     assert n == reply["train-records"] and len(new) == len(weights)
+    written = client.site.ledger_path.read_text().splitlines()
+    assert metrics["ledger-length"] == len(written) == 1
+    assert metrics["ledger-entry"] in written[0]
     assert all(not isinstance(v, list | tuple) for v in metrics.values())
     loss, n_test, ev = client.evaluate(new, {ROUND_KEY: 1})
     assert n_test > 0 and 0 <= ev["auc"] <= 1 and loss > 0
