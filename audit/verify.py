@@ -94,6 +94,16 @@ class AuditTrail:
             "anchored": self.keys.anchored,
             "checked": self.counts(),
             "problems": [{"where": p.where, "what": p.what} for p in self.problems],
+            "heads": self.heads(),
+        }
+
+    def heads(self) -> dict[str, dict[str, Any]]:
+        """Length and last hash of every chain: record them to detect a later truncation."""
+        chains = {f"ledger {site}": entries for site, entries in sorted(self.ledgers.items())}
+        chains[ROUND_LOG_NAME] = self.rounds
+        return {
+            name: {"entries": len(entries), "head": entries[-1].entry_hash if entries else GENESIS}
+            for name, entries in chains.items()
         }
 
 

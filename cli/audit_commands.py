@@ -78,6 +78,8 @@ def _print_verification(summary: dict) -> None:
         f"{checked['round_records']} round record(s), {checked['signatures']} valid signature(s)"
     )
     console.print(f"trust: {summary['trust']}", highlight=False)
+    for name, head in summary["heads"].items():
+        console.print(f"head of {name}: {head['entries']} entries, {head['head']}", highlight=False)
     if summary["ok"]:
         console.print(
             f"[green]VERIFIED[/green]: {counts}; nothing edited, removed, reordered or inserted",

@@ -56,6 +56,9 @@ def test_clean_trail_verifies(trail: Trail) -> None:
         "signatures": 16,
     }
     assert "not checked against a consortium CA" in result.keys.source
+    heads = result.summary()["heads"]
+    assert heads["ledger hospital-a"]["entries"] == 4
+    assert heads["rounds.jsonl"]["head"] == json.loads(_lines(trail.rounds)[-1])["entry_hash"]
 
 
 def test_edited_entry_is_named(trail: Trail) -> None:
