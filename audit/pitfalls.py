@@ -123,8 +123,9 @@ def _cohort_check(ledgers: dict[str, list[LedgerEntry]], run: dict[str, Any] | N
     return {
         "check": name,
         "status": "pass",
-        "evidence": f"{released} per-site metric release(s), each over at least the site's "
-        f"minimum cohort ({_cohort_text(cohort)}); {suppressed} withheld",
+        "evidence": f"run.json (the coordinator's record, not signed) shows {released} "
+        f"per-site metric release(s), each over at least the site's signed minimum cohort "
+        f"({_cohort_text(cohort)}); {suppressed} withheld",
     }
 
 
