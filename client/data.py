@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medfed.client.consent import ConsentCount, ConsentError, ConsentRules, consent_of
 from medfed.common.tasks import Column, TaskSpec
 
 if TYPE_CHECKING:
@@ -28,6 +29,14 @@ HEADER_LINES = 1
 
 class DataError(ValueError):
     """The site's data cannot be used at all (missing file or columns, no valid rows)."""
+
+
+class MissingColumnsError(DataError):
+    """Required columns are absent from the CSV; ``missing`` names them."""
+
+    def __init__(self, message: str, missing: list[str]) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class SiteData:
     y: np.ndarray
     total_rows: int
     skipped: list[SkippedRow] = field(default_factory=list)
+    consent: ConsentCount = field(default_factory=ConsentCount)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -83,18 +93,57 @@ class SiteData:
         )
 
 
-def load_site_data(path: Path, spec: TaskSpec, strict: bool = False) -> SiteData:
+def load_site_data(
+    path: Path, spec: TaskSpec, strict: bool = False, consent: ConsentRules | None = None
+) -> SiteData:
     """Read and validate ``path`` against ``spec``.
 
-    With ``strict`` the first bad row raises DataError instead of being skipped.
+    With ``strict`` the first bad row raises DataError instead of being skipped. Rows of
+    patients who withdrew (``consent``) are dropped before any of their cells is read
+    and only counted; the data then equals that of the file without those rows, row ids
+    of a file without a patient id column included.
+    """
+    data = read_clinical_csv(path, spec, strict=strict, consent=consent)
+    if not len(data):
+        raise DataError(
+            f"{path}: no valid rows ({len(data.skipped)} skipped; first: "
+            f"{data.skipped[0].public() if data.skipped else 'file is empty'})"
+        )
+    return data
+
+
+def read_clinical_csv(
+    path: Path,
+    spec: TaskSpec,
+    strict: bool = False,
+    with_target: bool = True,
+    consent: ConsentRules | None = None,
+) -> SiteData:
+    """Validate and encode every row of ``path``; unlike :func:`load_site_data` the
+    result may hold no rows (each invalid one is in ``skipped``).
+
+    ``with_target=False`` reads patients to predict for, with the same checks of every
+    input cell as training: the target column is optional and never read (``y`` is
+    NaN), and so is the id column (rows without one are named ``row-<line>``).
     """
     frame = _read_csv(path)
-    missing = [c for c in spec.required_columns() if c not in frame.columns]
+    required = spec.required_columns()
+    if not with_target:
+        required = [c.name for c in spec.columns]
+    missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise DataError(
+        raise MissingColumnsError(
             f"{path}: missing required column(s) {', '.join(missing)} "
-            f"(found: {', '.join(frame.columns) or 'none'})"
+            f"(found: {', '.join(frame.columns) or 'none'})",
+            missing,
         )
+    id_column = spec.id_column if spec.id_column in frame.columns else None
+    rules = consent if consent is not None else ConsentRules(column=None)
+    try:
+        rules.require_ids(id_column, path)
+    except ConsentError as exc:
+        raise DataError(str(exc)) from None
+    count = _consent_count(rules, path, frame, id_column)
     ids, rows, targets, skipped = [], [], [], []
     seen: set[str] = set()
     for i, record in enumerate(frame.to_dict("records")):
@@ -102,9 +151,11 @@ def load_site_data(path: Path, spec: TaskSpec, strict: bool = False) -> SiteData
         if all(str(v).strip() == "" for v in record.values()):
             continue  # a blank line holds no patient; it only keeps line numbers right
         try:
-            pid = _patient_id(record, spec, line, seen)
+            if _withdrawn(record, rules, id_column, count):
+                continue
+            pid = _patient_id(record, id_column, line - count.withdrawn, seen)
             features = [_encode(col, record[col.name]) for col in spec.columns]
-            target = _encode_target(spec, record[spec.target.name])
+            target = _encode_target(spec, record[spec.target.name]) if with_target else np.nan
         except _BadCell as bad:
             skip = SkippedRow(line, bad.column, bad.reason, bad.problem)
             if strict:
@@ -115,20 +166,49 @@ def load_site_data(path: Path, spec: TaskSpec, strict: bool = False) -> SiteData
         ids.append(pid)
         rows.append(np.concatenate(features))
         targets.append(target)
-    if not rows:
-        raise DataError(
-            f"{path}: no valid rows ({len(skipped)} skipped; first: "
-            f"{skipped[0].public() if skipped else 'file is empty'})"
-        )
     return SiteData(
         spec=spec,
         path=path,
         ids=ids,
-        X=np.asarray(rows, dtype=np.float32),
+        X=np.asarray(rows, dtype=np.float32).reshape(len(rows), spec.num_features),
         y=np.asarray(targets, dtype=np.float32),
-        total_rows=len(ids) + len(skipped),
+        total_rows=len(ids) + len(skipped) + count.withdrawn,
         skipped=skipped,
+        consent=count,
     )
+
+
+def _consent_count(
+    rules: ConsentRules, path: Path, frame: pd.DataFrame, id_column: str | None
+) -> ConsentCount:
+    """An empty count naming the rules in force, and how many listed ids the file lacks."""
+    count = ConsentCount()
+    if rules.column is not None and rules.column in frame.columns:
+        count.sources["consent_column"] = f"{path.name}:{rules.column}"
+    if rules.withdrawn_source is not None:
+        count.sources["withdrawn_list"] = str(rules.withdrawn_source)
+        if id_column is not None:
+            present = {str(v).strip() for v in frame[id_column]}
+            count.listed_not_found = len(rules.withdrawn - present)
+    return count
+
+
+def _withdrawn(
+    record: dict, rules: ConsentRules, id_column: str | None, count: ConsentCount
+) -> bool:
+    """Whether the row's patient withdrew (counted); a consent cell that is unclear is bad."""
+    if id_column is not None and str(record[id_column]).strip() in rules.withdrawn:
+        count.by_list += 1
+        return True
+    if rules.column is None or rules.column not in record:
+        return False
+    given = consent_of(record[rules.column])
+    if given is None:
+        problem = "expected a consent of yes or no; row not used"
+        raise _BadCell(rules.column, problem, repr(record[rules.column]))
+    if not given:
+        count.by_column += 1
+    return not given
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -157,14 +237,14 @@ class _BadCell(Exception):
         self.column, self.problem, self.reason = column, problem, reason
 
 
-def _patient_id(record: dict, spec: TaskSpec, line: int, seen: set[str]) -> str:
-    if spec.id_column is None:
+def _patient_id(record: dict, id_column: str | None, line: int, seen: set[str]) -> str:
+    if id_column is None:
         return f"row-{line}"
-    pid = str(record[spec.id_column]).strip()
+    pid = str(record[id_column]).strip()
     if not pid:
-        raise _BadCell(spec.id_column, "empty patient id")
+        raise _BadCell(id_column, "empty patient id")
     if pid in seen:
-        raise _BadCell(spec.id_column, "duplicate patient id (one record per patient)")
+        raise _BadCell(id_column, "duplicate patient id (one record per patient)")
     return pid
 
 

@@ -88,7 +88,16 @@ METHOD = (
     "PS3.15 Basic Application Level Confidentiality Profile",
     "private tags removed; keyed UID remap; keyed patient pseudonym",
 )
-LABEL_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "label")
+# ``consent`` carries a patient's withdrawal through de-identification (yes/no, no identity).
+LABEL_COLUMNS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "PatientID",
+    "label",
+    "consent",
+)
+WITHDRAWN_NAME = "withdrawn.txt"
 
 _DUMMY_TEXT = "DEIDENTIFIED"
 _DUMMY = {"AS": "000Y", "DA": "19000101", "DT": "19000101000000", "TM": "000000", "UR": ""}
@@ -522,6 +531,7 @@ def deidentify_tree(
     labels = options.labels and labels_in.is_file()
     if labels:
         _read_labels(labels_in)  # fail before writing anything
+    withdrawn = _read_withdrawn(in_dir / WITHDRAWN_NAME)
     site = (in_dir / DICOM_DIR).is_dir()
     run = _Run(
         ctx,
@@ -531,6 +541,7 @@ def deidentify_tree(
         out_dir,
         DeidReport(out_dir=out_dir, shift_dates=options.shift_dates),
         Path(LABELS_NAME) if labels else None,
+        (Path(WITHDRAWN_NAME),) if withdrawn is not None else (),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     files = sorted(_files(in_dir))
@@ -542,6 +553,9 @@ def deidentify_tree(
     if labels:
         studies = {w.study for w in report.written}
         report.labels = remap_labels(labels_in, out_dir / LABELS_NAME, ctx, studies)
+    if withdrawn is not None:
+        pseudonyms = sorted(ctx.pseudonym(pid) for pid in withdrawn)
+        atomic_write_bytes(out_dir / WITHDRAWN_NAME, "".join(f"{p}\n" for p in pseudonyms).encode())
     atomic_write_json(out_dir / REPORT_NAME, report.to_json(ctx))
     return report
 
@@ -557,12 +571,13 @@ class _Run:
     out_dir: Path
     report: DeidReport
     labels: Path | None
+    side_files: tuple[Path, ...] = ()
     paths: set[str] = field(default_factory=set)
 
     def file(self, path: Path) -> None:
         """De-identify one input file, or record why it was skipped."""
         source = path.relative_to(self.in_dir)
-        if source == self.labels:
+        if source == self.labels or source in self.side_files:
             return
         self.report.files_seen += 1
         try:
@@ -640,6 +655,22 @@ def _read_labels(path: Path) -> _Labels:
     return _Labels(columns, dropped, rows)
 
 
+def _read_withdrawn(path: Path) -> frozenset[str] | None:
+    """The withdrawn list beside the input (mapped to pseudonyms in OUT_DIR), if any.
+
+    Without it a withdrawal recorded by the original Patient ID would no longer match
+    the de-identified data, and the patient would be used again.
+    """
+    from medfed.client.consent import ConsentError, read_withdrawn_list
+
+    if not path.exists():
+        return None
+    try:
+        return read_withdrawn_list(path)
+    except ConsentError as exc:
+        raise DeidError(str(exc)) from None
+
+
 def remap_labels(
     labels_path: Path, out_path: Path, ctx: DeidContext, studies: set[str] | None = None
 ) -> dict[str, Any]:
@@ -669,7 +700,7 @@ def remap_labels(
 
 
 def _map_label(column: str, value: str, ctx: DeidContext) -> str:
-    if not value or column == "label":
+    if not value or column in ("label", "consent"):
         return value
     if column == "PatientID":
         return ctx.pseudonym(value)

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from medfed.client.consent import ConsentCount, ConsentRules, consent_of
 from medfed.client.data import DataError, SkippedRow
 from medfed.client.dicom_data import ImageItem, Preprocess, Quarantined, Window, load_images
 from medfed.client.image_cache import CACHE_DIR_NAME
@@ -46,6 +47,14 @@ class Labels:
     by_study: dict[str, int]
     by_patient: dict[str, int]
     skipped: list[SkippedRow] = field(default_factory=list)
+    withdrawn_patients: frozenset[str] = frozenset()
+    withdrawn_studies: frozenset[str] = frozenset()
+
+    def withdrew(self, item: ImageItem) -> bool:
+        """Whether a labels.csv row says no consent for the item's patient or study."""
+        return (
+            item.patient_id in self.withdrawn_patients or item.study_uid in self.withdrawn_studies
+        )
 
     def label_of(self, item: ImageItem) -> int | None:
         if item.study_uid in self.by_study:
@@ -74,6 +83,7 @@ class ImagingData:
     quarantined: list[Quarantined] = field(default_factory=list)
     label_rows_skipped: list[SkippedRow] = field(default_factory=list)
     beyond_cap: list[tuple[str, ...]] = field(default_factory=list)
+    consent: ConsentCount = field(default_factory=ConsentCount)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -107,8 +117,12 @@ def preprocess_for(spec: ImagingSpec) -> Preprocess:
     return Preprocess(size=spec.size, depth=max(spec.depth, 1), window=window)
 
 
-def read_labels(path: Path) -> Labels:
-    """Read ``labels.csv``; raise DataError if the file or its columns are unusable."""
+def read_labels(path: Path, consent_column: str = "consent") -> Labels:
+    """Read ``labels.csv``; raise DataError if the file or its columns are unusable.
+
+    A row whose ``consent_column`` says no withdraws its patient (its study when the row
+    names only a study) and gives no label; an unclear consent cell skips the row.
+    """
     if not path.is_file():
         raise DataError(f"{path}: label file not found")
     try:
@@ -124,12 +138,30 @@ def read_labels(path: Path) -> Labels:
     by_study: dict[str, int] = {}
     by_patient: dict[str, int] = {}
     skipped: list[SkippedRow] = []
+    patients: set[str] = set()
+    studies: set[str] = set()
     for i, row in enumerate(frame.to_dict("records")):
         line = i + 2
+        consent = consent_of(row[consent_column]) if consent_column in row else True
+        if consent is None and any(str(v).strip() for v in row.values()):
+            problem = "expected a consent of yes or no; row not used"
+            skipped.append(SkippedRow(line, consent_column, problem, problem))
+            continue
+        if consent is False:
+            patient = str(row.get(PATIENT_KEY, "")).strip()
+            study = str(row.get(STUDY_KEY, "")).strip()
+            if patient:
+                patients.add(patient)
+            elif study:
+                studies.add(study)
+            else:
+                problem = f"consent withdrawn but no {STUDY_KEY} or {PATIENT_KEY} to match"
+                skipped.append(SkippedRow(line, STUDY_KEY, problem, problem))
+            continue
         problem = _add_label(row, by_study, by_patient)
         if problem:
             skipped.append(SkippedRow(line, problem[0], problem[1], problem[1]))
-    return Labels(by_study, by_patient, skipped)
+    return Labels(by_study, by_patient, skipped, frozenset(patients), frozenset(studies))
 
 
 def _add_label(
@@ -192,18 +224,24 @@ def load_imaging_data(
     samples_per_patient: int = 1,
     use_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    consent: ConsentRules | None = None,
 ) -> ImagingData:
     """Read a site's DICOM tree and labels into training-ready samples.
 
-    Raises DataError when the site has no DICOM folder, no usable labels or no sample.
+    Images of patients who withdrew (``consent``'s list, or a labels.csv row saying no)
+    are dropped right after the headers are read, before selection, the split or any
+    use of their pixels, and counted per patient. Raises DataError when the site has no
+    DICOM folder, no usable labels or no sample.
     """
     site_dir = Path(site_dir)
     dicom_root = site_dir / spec.dicom_dir
     if not dicom_root.is_dir():
         raise DataError(f"{dicom_root}: DICOM folder not found")
-    labels = read_labels(site_dir / spec.labels_name)
+    rules = consent or ConsentRules()
+    labels = read_labels(site_dir / spec.labels_name, rules.column)
     cache = site_dir / CACHE_DIR_NAME if use_cache else None
     items, quarantined = load_images(dicom_root, preprocess_for(spec), cache, progress)
+    items, count = _drop_withdrawn(items, labels, rules)
     fitting = [i for i in items if i.is_volume == spec.is_volume]
     wrong_kind = (
         "a 2D image where the task expects volumes"
@@ -240,7 +278,24 @@ def load_imaging_data(
         quarantined=quarantined,
         label_rows_skipped=labels.skipped,
         beyond_cap=[item.files for item in beyond],
+        consent=count,
     )
+
+
+def _drop_withdrawn(
+    items: list[ImageItem], labels: Labels, rules: ConsentRules
+) -> tuple[list[ImageItem], ConsentCount]:
+    """The items of patients who did not withdraw, and the withdrawn patients counted."""
+    by_list = {i.patient_id for i in items if i.patient_id in rules.withdrawn}
+    by_column = {i.patient_id for i in items if labels.withdrew(i)} - by_list
+    count = ConsentCount(by_column=len(by_column), by_list=len(by_list))
+    if rules.withdrawn_source is not None:
+        count.sources["withdrawn_list"] = str(rules.withdrawn_source)
+        count.listed_not_found = len(rules.withdrawn - {i.patient_id for i in items})
+    if labels.withdrawn_patients or labels.withdrawn_studies:
+        count.sources["consent_column"] = f"labels.csv:{rules.column}"
+    gone = by_list | by_column
+    return [i for i in items if i.patient_id not in gone], count
 
 
 def split_by_patient(
@@ -312,6 +367,7 @@ def imaging_report(data: ImagingData, site_dir: Path) -> dict:
             for s in data.label_rows_skipped
         ],
         "identity_removed": all(data.identity_removed),
+        "consent": data.consent.to_report(),
         "used": [{"sample": i, "files": [rel(f) for f in fs]} for i, fs in enumerate(data.files)],
         "quarantined": [
             {"file": rel(q.path), "kind": q.kind, "detail": q.detail} for q in data.quarantined

@@ -62,6 +62,13 @@ class SitePolicy(BaseModel):
         secure aggregation (authenticated keys, masks from a cryptographic generator);
         "flower" (Flower's SecAgg+, unauthenticated keys) and "off" (the coordinator
         sees each DP update) must be allowed explicitly.
+    consent_column : str
+        Column of the site's data (clinical.csv, or labels.csv for imaging) saying
+        whether the patient consents (yes/no); a row saying no is excluded before
+        anything reads it. A file without the column has no per-row consent.
+    withdrawn_list : str
+        File in the data directory listing patients who withdrew (one patient id per
+        line); their records are excluded before anything reads them. Optional.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -81,6 +88,8 @@ class SitePolicy(BaseModel):
     allowed_secure_agg: list[Literal["medfed", "flower", "off"]] = Field(
         default_factory=lambda: ["medfed"], min_length=1
     )
+    consent_column: str = Field("consent", min_length=1, max_length=64)
+    withdrawn_list: str = Field("withdrawn.txt", min_length=1, pattern=r"^[^/\\]+$")
 
     def refusal(self, settings: RunSettings) -> str | None:
         """Why this policy forbids ``settings``, or None if it allows them."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from medfed.client.consent import ConsentError, ConsentRules, load_consent_rules
 from medfed.client.data import (
     DataError,
     SiteData,
@@ -332,7 +333,9 @@ class Site:
         Metrics are released only when the site's policy allows the run (the same
         check as for training: a run the site declines learns nothing from its data)
         and the test split holds at least the policy's minimum cohort; otherwise only
-        the site id and the suppression reason leave.
+        the site id and the suppression reason leave. With the run's fairness groups
+        set, the released metrics include per-subgroup aggregates (``fairness``, see
+        :mod:`medfed.client.fairness`), each group over at least the minimum cohort.
         """
         from medfed.client.training import evaluate
         from medfed.common.models import build_model
@@ -360,6 +363,20 @@ class Site:
             else float(decode_target(spec, np.ones(1))[0] - decode_target(spec, np.zeros(1))[0])
         )
         metrics = evaluate(model, prep.test.X, prep.test.y, spec.is_binary, span)
+        attributes = settings.fairness_attributes()
+        if attributes:
+            # Per-subgroup aggregates; groups under the minimum cohort are withheld.
+            from medfed.client.fairness import fairness_metrics
+
+            info.update(
+                fairness_metrics(
+                    model,
+                    prep.test,
+                    attributes,
+                    settings.age_band_edges(),
+                    prep.policy.min_cohort,
+                )
+            )
         return metrics.pop("loss"), n, {**info, **metrics}
 
     # -- internals -------------------------------------------------------------------
@@ -369,7 +386,10 @@ class Site:
         if isinstance(spec, ImagingSpec):
             return self._prepare_imaging(settings, policy, spec)
         data = load_site_data(
-            self.data_dir / spec.csv_name, spec, strict=policy.on_bad_row == "error"
+            self.data_dir / spec.csv_name,
+            spec,
+            strict=policy.on_bad_row == "error",
+            consent=self.consent_rules(policy),
         )
         self._write_data_report(data)
         train, test = split_train_test(data, settings.test_fraction, settings.seed)
@@ -386,7 +406,9 @@ class Site:
             split_by_patient,
         )
 
-        data = load_imaging_data(self.data_dir, spec, settings.samples_per_patient)
+        data = load_imaging_data(
+            self.data_dir, spec, settings.samples_per_patient, consent=self.consent_rules(policy)
+        )
         self._write_report(imaging_report(data, self.data_dir))
         if policy.require_deidentified and not all(data.identity_removed):
             missing = data.identity_removed.count(False)
@@ -399,6 +421,13 @@ class Site:
         return _Prepared(
             policy, train, test, data, imaging_fingerprint(train), entries, self.signing_key()
         )
+
+    def consent_rules(self, policy: SitePolicy) -> ConsentRules:
+        """The site's consent column and withdrawn list; DataError if the list is unreadable."""
+        try:
+            return load_consent_rules(self.data_dir, policy.consent_column, policy.withdrawn_list)
+        except ConsentError as exc:
+            raise DataError(str(exc)) from None
 
     @staticmethod
     def _evidence(prep: _Prepared, spec: object) -> dict[str, str | int | float | bool]:
@@ -493,6 +522,7 @@ class Site:
                 "rows": data.total_rows,
                 "used": len(data),
                 "skipped": len(data.skipped),
+                "consent": data.consent.to_report(),
                 "skipped_rows": [
                     {"line": s.line, "column": s.column, "reason": s.reason} for s in data.skipped
                 ],
