@@ -68,7 +68,8 @@ import numpy as np
 
 from medfed.audit.one_run import DEFAULT_GUESS_FRACTIONS, audit_scores
 from medfed.client.data import DataError, SiteData, load_site_data, split_train_test
-from medfed.client.policy import POLICY_NAME, load_policy
+from medfed.client.policy import POLICY_NAME, SitePolicy, load_policy
+from medfed.client.site import Site
 from medfed.common.config import RunSettings
 from medfed.common.privacy import Spend, calibrate_noise, epsilon_of, steps_per_round
 from medfed.common.tasks import TaskSpec, get_task_spec
@@ -216,7 +217,7 @@ def run_empirical_audit(
         raise AuditError(
             f"the empirical audit covers the tabular tasks (risk, rehab), not {settings.task!r}"
         )
-    train = _site_training_split(site_dir, spec, settings, strict=policy.on_bad_row == "error")
+    train = _site_training_split(site_dir, spec, settings, policy)
     if len(train) < canaries / 2:
         raise DataError(
             f"{train.path}: {len(train)} training records are too few for {canaries} "
@@ -278,10 +279,15 @@ def run_empirical_audit(
 
 
 def _site_training_split(
-    site_dir: Path, spec: TaskSpec, settings: RunSettings, strict: bool
+    site_dir: Path, spec: TaskSpec, settings: RunSettings, policy: SitePolicy
 ) -> SiteData:
-    """The site's training split, loaded and split as the site does."""
-    data = load_site_data(site_dir / spec.csv_name, spec, strict=strict)
+    """The site's training split, loaded and split as the site does (consent included)."""
+    data = load_site_data(
+        site_dir / spec.csv_name,
+        spec,
+        strict=policy.on_bad_row == "error",
+        consent=Site(site_dir).consent_rules(policy),
+    )
     train, _test = split_train_test(data, settings.test_fraction, settings.seed)
     return train
 
