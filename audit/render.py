@@ -39,6 +39,13 @@ Report schema (built by :func:`medfed.audit.report.build_report`)::
     empirical: [{site_id: str, dp: bool, epsilon_lower_bound: float,
                  accountant_epsilon: float | None, confidence: float, canaries, guesses,
                  correct: int, verdict: str}]
+    fairness: None | {source: str (run.json, unsigned), kind: "binary" | "regression",
+                      attributes: [str], threshold: float, groups: {group: {n, sites,
+                      auc, sensitivity, ...}}, by_site: {site: {group: {...}}},
+                      gaps: {attribute: {metric: float, worst_group: {metric: group}}},
+                      suppressed: {site: [group]}, unavailable, ignored, not_reported:
+                      {site: str}, note: str, cohort_check: {status, evidence: str}}
+                      (see :mod:`medfed.server.fairness`)
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from medfed.audit.render_document import (
     percent,
     span,
 )
+from medfed.audit.render_fairness import fairness_section
 
 # (anchor, heading) of every report section, in the order they appear.
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -44,6 +45,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("pitfall-checks", "Pitfall checks"),
     ("empirical-audit", "Empirical audit"),
     ("run-rounds", "Run rounds"),
+    ("fairness", "Fairness"),
 )
 SECOND_OPINION_TOLERANCE = 0.05  # relative disagreement above which the report flags it
 BUDGET_HEADERS = ["Site", "ε spent", "ε budget", "Budget left", "δ", "Unit of privacy",
@@ -80,6 +82,7 @@ def build_document(report: Mapping[str, Any]) -> list[Block]:
         _pitfalls,
         _empirical,
         _run,
+        fairness_section,
     )
     for (anchor, title), build in zip(SECTIONS, builders, strict=True):
         blocks.append(Heading(2, title, anchor))

@@ -21,6 +21,11 @@ from medfed.common.ledger import LedgerEntry, spends_for
 from medfed.common.privacy import epsilon_of
 
 EMPIRICAL_DIR = "empirical"
+FAIRNESS_SOURCE = (
+    "run.json: the coordinator's record, which is not signed. The figures are the "
+    "sites' per-subgroup aggregates as the coordinator combined them; no signature "
+    "covers them, so they are reported, not verified."
+)
 
 
 def build_report(trail: AuditTrail) -> dict[str, Any]:
@@ -40,6 +45,7 @@ def build_report(trail: AuditTrail) -> dict[str, Any]:
         "sites": [_site(site, entries, trail) for site, entries in sorted(trail.ledgers.items())],
         "pitfalls": pitfall_checks(trail.ledgers, trail.run),
         "empirical": _empirical(trail.directory / EMPIRICAL_DIR),
+        "fairness": _fairness(run, trail.ledgers),
     }
 
 
@@ -152,6 +158,60 @@ def _round_row(e: LedgerEntry) -> dict[str, Any]:
         "delta": e.delta,
         "reason": e.reason,
         "timestamp": e.timestamp,
+    }
+
+
+def _fairness(run: dict[str, Any], ledgers: dict[str, list[LedgerEntry]]) -> dict[str, Any] | None:
+    """run.json's per-subgroup evaluation, labelled unsigned, with a cohort check."""
+    fairness = run.get("fairness")
+    if not isinstance(fairness, dict) or not fairness:
+        return None
+    check = _group_cohort_check(fairness, ledgers)
+    return {"source": FAIRNESS_SOURCE, **fairness, "cohort_check": check}
+
+
+def _group_cohort_check(
+    fairness: dict[str, Any], ledgers: dict[str, list[LedgerEntry]]
+) -> dict[str, str]:
+    """Every per-site group size against the minimum cohort the site's signed ledger attests.
+
+    A group under it should never have left the site; a site that attests no minimum
+    leaves the check undecided.
+    """
+    cohort = {
+        site: e.evidence["min_cohort"]
+        for site, entries in ledgers.items()
+        for e in entries
+        if isinstance(e.evidence.get("min_cohort"), int)
+    }
+    by_site = fairness.get("by_site")
+    sizes = [
+        (site, name, group.get("n") if isinstance(group, dict) else None)
+        for site, groups in (by_site if isinstance(by_site, dict) else {}).items()
+        for name, group in (groups if isinstance(groups, dict) else {}).items()
+    ]
+    below = [
+        f"{site} {name}: n={n}, minimum {cohort[site]}"
+        for site, name, n in sizes
+        if site in cohort and not (isinstance(n, int) and n >= cohort[site])
+    ]
+    unattested = sorted({site for site, _, _ in sizes if site not in cohort})
+    if below:
+        return {
+            "status": "fail",
+            "evidence": "group figures under the site's signed minimum cohort: "
+            + "; ".join(below[:5]),
+        }
+    if unattested:
+        return {
+            "status": "unknown",
+            "evidence": f"{', '.join(unattested)} released group figures but attest no "
+            "minimum cohort in a signed ledger",
+        }
+    return {
+        "status": "pass",
+        "evidence": f"all {len(sizes)} per-site group release(s) cover at least the site's "
+        "minimum cohort attested in its signed ledger",
     }
 
 

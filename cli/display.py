@@ -114,7 +114,75 @@ def summary_tables(result: SimulationResult) -> list[Table]:
         if result.reference is not None:
             row.append(_fmt(result.reference.get(name)))
         metrics.add_row(*row)
-    return [sites, metrics]
+    return [sites, metrics, *fairness_tables(result.run.get("fairness") or {})]
+
+
+def fairness_tables(fairness: dict[str, Any]) -> list[Table]:
+    """Per-group metrics and the gaps between groups; none when fairness was off."""
+    if not fairness:
+        return []
+    regression = fairness.get("kind") == "regression"
+    columns = FAIRNESS_REGRESSION if regression else FAIRNESS_BINARY
+    groups = Table(
+        title="Fairness: global model per subgroup (sites' test splits)",
+        caption=_fairness_caption(fairness),
+        caption_justify="left",
+    )
+    groups.add_column("group", no_wrap=True)
+    groups.add_column("n", justify="right")
+    groups.add_column("sites", justify="right")
+    for _, label in columns:
+        groups.add_column(label, justify="right")
+    for name, group in (fairness.get("groups") or {}).items():
+        sites = len(group.get("sites") or [])
+        cells = [_fmt(group.get(key)) for key, _ in columns]
+        groups.add_row(name, str(group.get("n", "—")), str(sites), *cells)
+    gaps = Table(title="Fairness: gap between groups (largest - smallest; worst group)")
+    gaps.add_column("attribute", no_wrap=True)
+    for _, label in columns:
+        gaps.add_column(label, justify="right")
+    for attribute, gap in (fairness.get("gaps") or {}).items():
+        worst = gap.get("worst_group") or {}
+        gaps.add_row(
+            attribute,
+            *(_gap_cell(gap.get(key), worst.get(key)) for key, _ in columns),
+        )
+    return [groups, gaps] if fairness.get("gaps") else [groups]
+
+
+FAIRNESS_BINARY = (
+    ("auc", "AUC*"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("calibration_gap", "calibration gap"),
+)
+FAIRNESS_REGRESSION = (("mae", "MAE"), ("rmse", "RMSE"), ("bias", "bias"))
+
+
+def _fairness_caption(fairness: dict[str, Any]) -> str:
+    lines = []
+    if fairness.get("kind") != "regression":
+        lines.append(
+            f"*AUC: n-weighted mean of per-site AUCs (not pooled). Sensitivity, specificity "
+            f"and calibration gap (mean predicted - observed) pooled from summed counts at "
+            f"threshold {fairness.get('threshold', 0.5)}."
+        )
+    suppressed = fairness.get("suppressed") or {}
+    lines.append(
+        "Withheld below the minimum cohort: "
+        + ("; ".join(f"{s}: {', '.join(g)}" for s, g in suppressed.items()) or "none")
+    )
+    for site, why in (fairness.get("unavailable") or {}).items():
+        lines.append(f"{site}: {why}")
+    for site, why in (fairness.get("ignored") or {}).items():
+        lines.append(f"{site}: report ignored ({why})")
+    for site, why in (fairness.get("not_reported") or {}).items():
+        lines.append(f"{site}: no subgroup figures ({why})")
+    return "\n".join(lines)
+
+
+def _gap_cell(value: Any, worst: Any) -> str:
+    return f"{value:.4f} ({worst})" if isinstance(value, float) and worst else _fmt(value)
 
 
 def _fmt(value: Any) -> str:

@@ -12,8 +12,10 @@ import typer
 from rich.console import Console
 
 from medfed.cli.audit_commands import audit_app
+from medfed.cli.card_command import register as register_card_command
 from medfed.cli.data_commands import data_app
 from medfed.cli.deploy_commands import register as register_deploy_commands
+from medfed.cli.predict_command import register as register_predict_commands
 from medfed.cli.provision_command import provision_app
 
 app = typer.Typer(
@@ -31,6 +33,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(provision_app, name="provision")
 app.add_typer(audit_app, name="audit")
 register_deploy_commands(app)
+register_predict_commands(app)
+register_card_command(app)
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line
@@ -187,6 +191,15 @@ def simulate(
     reference: bool = typer.Option(
         True, help="Also train the pooled non-private reference (simulation only)."
     ),
+    fairness_groups: str | None = typer.Option(
+        None,
+        help="Subgroups each site evaluates the model by, comma-separated: binary or "
+        "categorical columns of the task, or age (in --age-bands); '' turns it off "
+        "[default: sex,age].",
+    ),
+    age_bands: str | None = typer.Option(
+        None, help="Age band edges in years: 50,65 gives <50, 50-64, 65+ [default: 50,65]."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower/Ray logs."),
 ) -> None:
@@ -221,6 +234,8 @@ def simulate(
                 "out_dir": str(out_dir),
                 "samples_per_patient": samples_per_patient,
                 "secure_agg": secure_agg.value,
+                **({} if fairness_groups is None else {"fairness_groups": fairness_groups}),
+                **({} if age_bands is None else {"age_bands": age_bands}),
             }
         )
     except ConfigError as exc:
@@ -267,6 +282,9 @@ def simulate(
         f"Audit: medfed audit verify {result.out_dir}; medfed audit report {result.out_dir}",
         highlight=False,
     )
+    card = result.out_dir / "model_card.md"
+    if card.exists():
+        console.print(f"Model card: {card} (and model_card.json)", highlight=False)
 
 
 @synth_app.command("risk")

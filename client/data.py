@@ -225,7 +225,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
             skip_blank_lines=False,  # keeps row i on file line i + 2
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV file ({exc})") from None
+        reason = " ".join(str(exc).split())  # pandas' messages span lines
+        raise DataError(f"{path}: not a readable CSV file ({reason})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
 

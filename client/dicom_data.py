@@ -1022,11 +1022,13 @@ def load_images(
 ) -> tuple[list[ImageItem], list[Quarantined]]:
     """Every usable image and volume under ``dicom_root``, and every file left out.
 
-    ``cache_dir`` (optional) keeps decoded arrays and header summaries between calls;
-    ``progress(done, total)`` is called after each file.
+    ``dicom_root`` may also be a single file (one image, or a one-file series), read by
+    the same rules (used to predict on one file). ``cache_dir`` (optional) keeps
+    decoded arrays and header summaries between calls; ``progress(done, total)`` is
+    called after each file.
     """
     root = Path(dicom_root)
-    paths = sorted(map(Path, _files_under(root)))
+    paths = [root] if root.is_file() else sorted(map(Path, _files_under(root)))
     if cache_dir is not None and Path(cache_dir).resolve().is_relative_to(root.resolve()):
         inner = Path(cache_dir).resolve()  # a cache inside the tree is not part of it
         paths = [p for p in paths if not p.resolve().is_relative_to(inner)]

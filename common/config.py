@@ -14,6 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from medfed.common.subgroups import (
+    check_age_edges,
+    check_attributes,
+    parse_age_bands,
+    parse_attributes,
+)
 from medfed.common.tasks import get_task_spec
 
 #: ``medfed simulate`` writes fresh identities for every run: the roster in the data root,
@@ -109,6 +115,13 @@ class RunSettings(BaseModel):
         checkpoint verifies, instead of starting at round 1. Needs ``run_name``, and
         every other setting except ``num_rounds`` (which may only stay or shrink) must
         be what the run was started with. Sites never train a round of the run twice.
+    fairness_groups : str
+        Comma-separated subgroup attributes each site evaluates the global model by on
+        its test split (``"sex,age"``; empty turns fairness evaluation off): binary or
+        categorical columns of the task's schema, or ``age`` in ``age_bands``. Groups
+        under a site's minimum cohort are withheld (see :mod:`medfed.client.fairness`).
+    age_bands : str
+        Comma-separated band edges in whole years: ``"50,65"`` gives <50, 50-64, 65+.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -140,6 +153,8 @@ class RunSettings(BaseModel):
     run_name: str = Field("", max_length=64, pattern=r"^[A-Za-z0-9._-]*$")
     coordinator_key: str = ""
     resume: bool = False
+    fairness_groups: str = "sex,age"
+    age_bands: str = "50,65"
 
     @model_validator(mode="after")
     def _task_matches_dataset(self) -> RunSettings:
@@ -159,6 +174,21 @@ class RunSettings(BaseModel):
                 "and a fresh Flower run id would make them spend the run's epsilon again"
             )
         return self
+
+    @model_validator(mode="after")
+    def _fairness_groups_fit_the_task(self) -> RunSettings:
+        spec = get_task_spec(self.task, self.dataset)
+        check_attributes(spec, self.fairness_attributes())
+        check_age_edges(spec, self.age_band_edges())
+        return self
+
+    def fairness_attributes(self) -> tuple[str, ...]:
+        """The subgroup attributes, in order; empty when fairness evaluation is off."""
+        return parse_attributes(self.fairness_groups)
+
+    def age_band_edges(self) -> tuple[int, ...]:
+        """The age band edges in years (``"50,65"`` -> ``(50, 65)``)."""
+        return parse_age_bands(self.age_bands)
 
     def medfed_run_id(self, flower_run_id: int | str) -> str:
         """The run id sites key their ledgers by: ``run_name``, else Flower's run id.
@@ -204,6 +234,9 @@ def _describe(exc: ValidationError, where: str, hyphenate: bool = False) -> str:
             key = key.replace("_", "-")
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
+        elif not err["loc"]:
+            # A check across keys: its message names them; the input is the whole config.
+            parts.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             parts.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
     return f"{where}: " + "; ".join(parts)

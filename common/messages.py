@@ -21,3 +21,5 @@ LEDGER_LENGTH_KEY = "ledger-length"
 LEDGER_HEAD_KEY = "ledger-head"
 LEDGER_ENTRY_KEY = "ledger-entry"
 MODEL_IN_KEY = "model-sha256-in"
+# Per-subgroup evaluation (one JSON string; see medfed.client.fairness for its shape).
+FAIRNESS_KEY = "fairness"

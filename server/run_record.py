@@ -64,6 +64,8 @@ class RunRecord:
     ledgers use the same), ``flower_run_id`` the Flower run that started it, and
     ``resumes`` one entry per coordinator restart that continued the run (the round it
     continued after, the new Flower run id, the time, and any rounds it dropped).
+    ``fairness`` is the per-subgroup evaluation of the latest round that evaluated
+    (:func:`medfed.server.fairness.combine`); empty when fairness evaluation is off.
     """
 
     run_id: str
@@ -78,6 +80,7 @@ class RunRecord:
     error: str = ""
     flower_run_id: str = ""
     resumes: list[dict[str, Any]] = field(default_factory=list)
+    fairness: dict[str, Any] = field(default_factory=dict)
 
     def site(self, site_id: str) -> SiteSummary:
         return self.sites.setdefault(site_id, SiteSummary(site_id))

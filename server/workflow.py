@@ -49,6 +49,7 @@ from flwr.supercore import log
 from medfed.common.config import RunSettings
 from medfed.common.messages import (
     ACCEPT_KEY,
+    FAIRNESS_KEY,
     LEDGER_ENTRY_KEY,
     LEDGER_HEAD_KEY,
     LEDGER_LENGTH_KEY,
@@ -60,7 +61,9 @@ from medfed.common.params import weights_digest
 from medfed.common.secagg.identity import Roster
 from medfed.common.secagg.quantize import DEFAULT_MODULUS_BITS
 from medfed.server.checkpoint import save_checkpoint
+from medfed.server.fairness import combine as combine_fairness
 from medfed.server.medfed_secagg import MedfedSecAggWorkflow
+from medfed.server.model_card import write_model_card
 from medfed.server.resume import ResumeError, resume_point
 from medfed.server.round_log import (
     ROUND_LOG_NAME,
@@ -188,6 +191,10 @@ class MedfedWorkflow:
         finally:
             record.finished = time.time()
             record.write(self.out_dir)
+            try:  # the card must never mask the run's own outcome or error
+                write_model_card(self.out_dir, record)
+            except Exception as card_error:
+                log(WARNING, "no model card written in %s: %s", self.out_dir, card_error)
             emit_event(self.out_dir, "run-end", status=record.status, error=record.error)
             f_stop.set()
             thread.join(timeout=10)
@@ -259,7 +266,14 @@ class MedfedWorkflow:
                 )
         loss, metrics, per_site = self._evaluate(grid, context, server_round)
         rnd.aggregate_metrics = {"loss": loss, **metrics} if loss is not None else {}
-        rnd.site_metrics = per_site
+        fairness = combine_fairness(per_site, self.settings.fairness_attributes())
+        if fairness:
+            record.fairness = fairness
+        # The per-group figures live in record.fairness; the raw strings are left out.
+        rnd.site_metrics = {
+            site: {k: v for k, v in report.items() if k != FAIRNESS_KEY}
+            for site, report in per_site.items()
+        }
         rnd.checkpoint, rnd.model_sha256 = self._checkpoint(context, server_round)
         self._attest(record, rnd, replies, strategy.fit_reports, model_in)
         rnd.seconds = round(time.time() - started, 3)

@@ -265,3 +265,23 @@ def save_screenshot(png: bytes, target: Path) -> None:
     image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(buffer, "PNG", optimize=True)
     assert buffer.tell() < SCREENSHOT_MAX_BYTES, f"screenshot is {buffer.tell()} bytes"
     target.write_bytes(buffer.getvalue())
+
+
+def test_fairness_section_renders_in_chromium(browser: Chromium, tmp_path: Path) -> None:
+    from tests.audit.fairness_fixture import fairness_part
+
+    report = sample_report()
+    report["fairness"] = fairness_part()
+    report["fairness"]["suppressed"][HOSTILE_ID] = [HOSTILE_ID]
+    page = tmp_path / "fairness.html"
+    page.write_text(render_html(report), encoding="utf-8")
+    session, events = open_page(browser, page)
+    dom = probe_dom(browser, session)
+
+    assert page_problems(events) == [], browser.log_tail()
+    assert dom["headings"][-1] == "Fairness"
+    assert (dom["scripts"], dom["frames"], dom["handlers"]) == (0, 0, 0)
+    fairness = dom["text"][dom["text"].rindex("Fairness") :]
+    assert "UNSIGNED" in fairness and "not signed" in fairness
+    assert "age=<50" in fairness and "age=65+" in fairness
+    assert f"{HOSTILE_ID}: {HOSTILE_ID}" in fairness  # shown as text, not run

@@ -9,6 +9,7 @@ import math
 import re
 from collections.abc import Callable
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from medfed.audit.plots import epsilon_plot_svg
 from medfed.audit.render import SECTIONS, render_html, render_json, render_markdown
+from tests.audit.fairness_fixture import fairness_part, group
 from tests.audit.report_fixture import NORTHGATE_DECLINES, minimal_report, sample_report
 
 TITLES = [title for _, title in SECTIONS]
@@ -274,3 +276,109 @@ def test_plot_survives_odd_values() -> None:
     site["rounds"][1].update(epsilon=math.inf, round=None)
     site["rounds"][2]["epsilon"] = "not a number"
     assert epsilon_plot_svg(site) is not None
+
+
+# -------------------------------------------------------------------------- fairness
+
+
+def with_fairness(fairness: Any = None) -> dict[str, Any]:
+    report = sample_report()
+    report["fairness"] = fairness_part() if fairness is None else fairness
+    return report
+
+
+def test_fairness_section_is_labelled_unsigned_and_shows_groups_and_gaps() -> None:
+    report = with_fairness()
+    page, markdown = render_html(report), render_markdown(report)
+    section = page[page.index('id="fairness"') :]
+    assert "UNSIGNED" in section and "not signed" in section
+    for name in ("sex=female", "sex=male", "age=&lt;50", "age=50-64", "age=65+"):
+        assert name in section
+    gaps = report["fairness"]["gaps"]["age"]
+    assert f"{gaps['auc']:.4g} (worst: age=65+)" in section  # AUC gap and its worst group
+    assert "n-weighted means of the per-site values" in section
+    assert "northgate-general: age=&lt;50, age=50-64" in section  # withheld, by name only
+    assert "riverside-childrens: not reported: test split of 14" in section
+    assert "✔ PASS" in section  # group sizes against the signed minimum cohort
+    md_section = markdown[markdown.index("## Fairness") :]
+    assert "UNSIGNED" in md_section and r"age=\<50" in md_section
+    assert_tables_intact(markdown)
+
+
+def test_fairness_section_without_a_record_says_so() -> None:
+    assert "records no fairness evaluation" in render_html(sample_report())
+    assert "records no fairness evaluation" in render_markdown(minimal_report())
+
+
+def test_fairness_cohort_failure_and_regression_columns() -> None:
+    fairness = fairness_part()
+    fairness["cohort_check"] = {"status": "fail", "evidence": "st-marys-london sex=male: n=7"}
+    page = render_html(with_fairness(fairness))
+    assert "✘ FAIL" in page[page.index('id="fairness"') :] and "n=7" in page
+    regression = {"kind": "regression", "attributes": ["sex"], "source": "run.json",
+                  "groups": {"sex=male": {"n": 40, "sites": ["a"], "mae": 6.5, "rmse": 8.25,
+                                          "bias": -1.5}}}  # fmt: skip
+    page = render_html(with_fairness(regression))
+    section = page[page.index('id="fairness"') :]
+    assert "MAE" in section and "8.25" in section and "Sensitivity" not in section
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {},
+        {"groups": None, "by_site": [1, 2], "gaps": {"sex": None}, "suppressed": "x"},
+        {"groups": {"sex=male": None}, "by_site": {"a": None}, "cohort_check": 3},
+        {"gaps": {"sex": {"auc": "x", "worst_group": ["a"]}}, "threshold": math.nan},
+    ],
+)
+def test_damaged_fairness_renders(damage: dict[str, Any]) -> None:
+    report = with_fairness({**fairness_part(), **damage})
+    assert parse(render_html(report)).h2 == ["Contents", *TITLES]
+    assert md_headings(render_markdown(report)) == TITLES
+
+
+def test_hostile_fairness_text_stays_inert() -> None:
+    fairness = fairness_part()
+    hostile = {
+        **fairness,
+        "groups": {f"sex={HOSTILE}": fairness["groups"]["sex=male"], HOSTILE: {"n": HOSTILE}},
+        "by_site": {HOSTILE: {HOSTILE: {"n": 30}}},
+        "gaps": {HOSTILE: {"auc": 0.1, "worst_group": {"auc": HOSTILE}}},
+        "suppressed": {HOSTILE: [HOSTILE]},
+        "not_reported": {HOSTILE: HOSTILE},
+        "note": HOSTILE,
+    }
+    page = render_html(with_fairness(hostile))
+    assert_inert_html(page)
+    assert [t for t, _ in parse(page).tags].count("img") == 3
+    markdown = render_markdown(with_fairness(hostile))
+    assert not re.search(r"(?<!\\)<", markdown)
+    assert_tables_intact(markdown)
+
+
+def test_report_takes_fairness_from_run_json_with_a_cohort_check(tmp_path: Path) -> None:
+    from medfed.audit.report import build_report
+    from medfed.audit.verify import verify_directory
+    from medfed.server.fairness import combine
+    from tests.audit.trail_builder import build_trail
+
+    build_trail(tmp_path, sites=2, rounds=1)  # ledgers attest min_cohort 20
+    reports = {
+        "hospital-a": {"fairness": json.dumps({"version": 1, "suppressed": [], "groups": {
+            "sex=female": group(10, 5, 20, 5, 0.8, 0.4)}})},
+        "hospital-b": {"fairness": json.dumps({"version": 1, "suppressed": [], "groups": {
+            "sex=female": group(2, 1, 3, 1, 0.8, 0.4)}})},  # 7 patients, under 20
+    }  # fmt: skip
+    run = {"run_id": "run-1", "settings": {"task": "risk"}, "status": "completed",
+           "fairness": combine(reports, ("sex",))}  # fmt: skip
+    (tmp_path / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    report = build_report(verify_directory(tmp_path))
+    fairness = report["fairness"]
+    assert "not signed" in fairness["source"]
+    assert fairness["groups"]["sex=female"]["n"] == 47
+    assert fairness["cohort_check"]["status"] == "fail"
+    assert "hospital-b sex=female: n=7, minimum 20" in fairness["cohort_check"]["evidence"]
+    del run["fairness"]
+    (tmp_path / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    assert build_report(verify_directory(tmp_path))["fairness"] is None

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -65,3 +66,36 @@ def test_progress_prints_declines_and_round_results():
         )
     text = console.export_text()
     assert "b declined" in text and "privacy budget" in text and "only 1 site" in text
+
+
+def _fairness() -> dict:
+    from medfed.server.fairness import combine
+
+    def group(tp: int, fp: int, tn: int, fn: int, auc: float) -> dict:
+        n = tp + fp + tn + fn
+        counts = {"n": n, "positives": tp + fn, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+        return {**counts, "auc": auc, "mean_predicted": 0.4, "observed_rate": (tp + fn) / n,
+                "ece": 0.1}  # fmt: skip
+
+    reports = {
+        "a": {"fairness": json.dumps({"version": 1, "suppressed": ["age=65+"], "groups": {
+            "sex=female": group(8, 2, 28, 2, 0.81), "sex=male": group(9, 3, 25, 3, 0.74)}})},
+        "b": {"suppressed": "test split of 9 is below the minimum cohort"},
+    }  # fmt: skip
+    return combine(reports, ("sex", "age"))
+
+
+def test_summary_shows_fairness_per_group_gaps_and_withheld_groups():
+    run = {**RUN, "fairness": _fairness()}
+    text = _render(summary_tables(SimulationResult(Path("."), [], run, None, 1.0)))
+    assert "Fairness" in text and "sex=female" in text and "sex=male" in text
+    assert "0.8000" in text  # female sensitivity 8/10, pooled from counts
+    assert "0.0700" in text and "(sex=male)" in text  # AUC gap 0.81 - 0.74, worst group
+    assert "n-weighted mean of per-site AUCs" in text
+    assert "a: age=65+" in text  # withheld group named, no count
+    assert "b: no subgroup figures" in text and "below the minimum cohort" in text
+
+
+def test_summary_without_fairness_has_no_fairness_table():
+    text = _render(summary_tables(SimulationResult(Path("."), [], RUN, None, 1.0)))
+    assert "Fairness" not in text

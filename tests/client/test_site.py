@@ -507,6 +507,40 @@ def test_evaluate_refuses_a_run_the_policy_forbids(
     assert not {"auc", "accuracy", "loss"} & set(metrics)
 
 
+def test_evaluate_releases_fairness_groups_over_min_cohort(
+    site: Site, settings: RunSettings, weights: list[np.ndarray]
+) -> None:
+    _, n, metrics = site.evaluate(settings, weights)
+    payload = json.loads(str(metrics["fairness"]))
+    assert payload["version"] == 1 and payload["kind"] == "binary"
+    released, withheld = payload["groups"], payload["suppressed"]
+    # Every group of sex and age is either released (with >= 20 patients) or named.
+    assert set(released) | set(withheld) == {
+        "sex=female", "sex=male", "age=<50", "age=50-64", "age=65+"
+    }  # fmt: skip
+    assert not set(released) & set(withheld)
+    assert all(g["n"] >= 20 for g in released.values())  # the policy's default min_cohort
+    for attribute in ("sex=", "age="):
+        mine = [g["n"] for name, g in released.items() if name.startswith(attribute)]
+        assert not mine or sum(mine) == n or n - sum(mine) >= 20
+
+
+def test_evaluate_without_fairness_groups_sends_none(
+    site: Site, settings: RunSettings, weights: list[np.ndarray]
+) -> None:
+    off = settings.model_copy(update={"fairness_groups": ""})
+    _, _, metrics = site.evaluate(off, weights)
+    assert "fairness" not in metrics and "auc" in metrics
+
+
+def test_suppressed_evaluation_sends_no_fairness(
+    site_dir: Path, settings: RunSettings, weights: list[np.ndarray]
+) -> None:
+    _policy(site_dir, min_cohort=TEST + 1)
+    _, _, metrics = Site(site_dir).evaluate(settings, weights)
+    assert "suppressed" in metrics and "fairness" not in metrics
+
+
 def test_small_cohort_hides_train_loss(
     site_dir: Path, settings: RunSettings, weights: list[np.ndarray]
 ) -> None:

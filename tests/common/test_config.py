@@ -152,3 +152,52 @@ def test_imaging_tasks_take_their_own_models():
         RunSettings.from_mapping({"task": "risk", "model": "cnn2d"})
     with pytest.raises(ConfigError, match="samples_per_patient"):
         RunSettings.from_mapping({"task": "xray", "model": "cnn2d", "samples_per_patient": 0})
+
+
+def test_fairness_groups_default_and_off() -> None:
+    settings = RunSettings()
+    assert settings.fairness_attributes() == ("sex", "age")
+    assert settings.age_band_edges() == (50, 65)
+    assert RunSettings(fairness_groups="").fairness_attributes() == ()
+    assert RunSettings(fairness_groups=" smoking , sex ").fairness_attributes() == (
+        "smoking",
+        "sex",
+    )
+    cfg = RunSettings(fairness_groups="sex", age_bands="40,60,80").to_flower()
+    assert cfg["fairness-groups"] == "sex" and cfg["age-bands"] == "40,60,80"
+    assert RunSettings.from_flower(cfg).age_band_edges() == (40, 60, 80)
+
+
+def test_unknown_fairness_column_names_it_and_the_task_columns() -> None:
+    with pytest.raises(ConfigError) as info:
+        RunSettings.from_flower({"fairness-groups": "sex,ethnicity"})
+    message = str(info.value)
+    assert "'ethnicity'" in message and "'sex'" not in message
+    assert "columns: age, sex, bmi, family_history, smoking, systolic_bp" in message
+    with pytest.raises(ConfigError, match="'bmi' is not a subgroup attribute"):
+        RunSettings.from_mapping({"fairness_groups": "bmi"})  # numeric, not age
+    assert RunSettings(dataset="heart-disease", fairness_groups="cp,thal").fairness_attributes()
+    with pytest.raises(ConfigError, match="imaging has no clinical columns"):
+        RunSettings.from_mapping({"task": "xray", "model": "cnn2d", "fairness_groups": "cp"})
+    assert RunSettings(task="xray", model="cnn2d").fairness_attributes() == ("sex", "age")
+
+
+@pytest.mark.parametrize(
+    ("bands", "match"),
+    [
+        ("65,50", "strictly increasing"),
+        ("50,50", "strictly increasing"),
+        ("fifty", "whole years"),
+        ("50.5", "whole years"),
+        ("", "strictly increasing"),
+        ("10,50", "outside the age range"),
+    ],
+)
+def test_bad_age_bands_rejected(bands: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        RunSettings.from_mapping({"age_bands": bands})
+
+
+def test_repeated_fairness_group_rejected() -> None:
+    with pytest.raises(ConfigError, match="sex more than once"):
+        RunSettings.from_mapping({"fairness_groups": "sex,age,sex"})

@@ -92,6 +92,23 @@ def test_run_json_reports_privacy_and_data_per_site(federation):
     assert {(s["line"], s["column"]) for s in report["skipped_rows"]} == {(3, "age"), (6, "age")}
 
 
+def test_run_json_has_fairness_per_group_and_site(federation):
+    _, first, _ = federation
+    fairness = first.run["fairness"]
+    assert fairness["attributes"] == ["sex", "age"] and fairness["kind"] == "binary"
+    assert {"sex=female", "sex=male"} <= set(fairness["groups"])
+    female = fairness["groups"]["sex=female"]
+    assert female["tp"] + female["fn"] == female["positives"] and female["n"] >= 20
+    assert 0 <= female["sensitivity"] <= 1 and female["auc_sites"]
+    assert set(fairness["by_site"]) == {"h0", "h1", "h2"}  # h3's data cannot be read
+    assert "smoking" in fairness["not_reported"]["h3"]
+    for groups in fairness["by_site"].values():
+        assert all(g["n"] >= 20 for g in groups.values())  # the default minimum cohort
+    assert set(fairness["gaps"]) == {"sex", "age"}
+    # The raw per-site strings are not repeated in every round's site metrics.
+    assert all("fairness" not in m for r in first.run["rounds"] for m in r["site_metrics"].values())
+
+
 def test_ledgers_replay_with_an_independent_accountant(federation):
     site_dirs, _, _ = federation
     for d in site_dirs[:2]:
@@ -132,6 +149,18 @@ def test_checkpoints_after_every_round(federation):
         assert weights[0].shape == (1, 6)
 
 
+def test_every_run_writes_its_model_card(federation):
+    _, first, second = federation
+    for result in (first, second):
+        card = json.loads((result.out_dir / "model_card.json").read_text())
+        assert card["model_details"]["run_id"] == result.run["run_id"]
+        assert card["metrics"]["overall"] == result.run["final_metrics"]
+        declined = {s["site_id"]: s["rounds_declined"] for s in card["privacy"]["sites"]}
+        assert declined["h2"] == ROUNDS
+        markdown = (result.out_dir / "model_card.md").read_text()
+        assert markdown.startswith("# Model card: risk on synthetic")
+
+
 def test_audit_folder_of_a_real_run_verifies_and_reports(federation):
     """The run's output folder plus the published ledgers is a complete audit folder."""
     from medfed.audit.report import build_report
@@ -147,6 +176,10 @@ def test_audit_folder_of_a_real_run_verifies_and_reports(federation):
     assert [r["kind"] for r in sites["h0"]["rounds"]] == ["train"] * (2 * ROUNDS)
     assert sites["h0"]["second_opinion"]["flagged"] is False
     assert all(r["kind"] == "decline" and "budget" in r["reason"] for r in sites["h2"]["rounds"])
+    # h2 evaluates but never trains, so its ledger (declines only) attests no min cohort.
+    check = report["fairness"]["cohort_check"]
+    assert check["status"] == "unknown" and check["evidence"].startswith("h2 released")
+    assert "not signed" in report["fairness"]["source"]
     checks = {c["check"]: c["status"] for c in report["pitfalls"]}
     assert checks["Poisson sampling (each record in each batch independently)"] == "pass"
     assert checks["Train and test splits disjoint (by patient)"] == "pass"
