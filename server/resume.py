@@ -55,12 +55,24 @@ class ResumePoint:
 
 
 def settings_differences(recorded: dict[str, Any], current: RunSettings) -> list[str]:
-    """Run-config keys (hyphenated) whose value differs from the recorded settings."""
+    """Run-config keys (hyphenated) whose value differs from the recorded settings.
+
+    A setting that medfed added after the run was recorded counts as recorded at its
+    default: a run.json from an older medfed resumes when the new settings are left at
+    their defaults, and is refused when one of them is set to something else.
+    """
     now = current.model_dump()
+    defaults = {
+        name: info.get_default(call_default_factory=True)
+        for name, info in RunSettings.model_fields.items()
+        if not info.is_required()
+    }
     missing = object()
     keys = (recorded.keys() | now.keys()) - RESUMABLE_CHANGES
     return sorted(
-        k.replace("_", "-") for k in keys if recorded.get(k, missing) != now.get(k, missing)
+        k.replace("_", "-")
+        for k in keys
+        if recorded.get(k, defaults.get(k, missing)) != now.get(k, missing)
     )
 
 

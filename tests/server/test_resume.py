@@ -87,6 +87,15 @@ def test_only_num_rounds_and_resume_may_change() -> None:
     assert settings_differences(recorded, changed) == ["epsilon", "seed"]
 
 
+def test_settings_added_since_the_run_count_at_their_default() -> None:
+    """A run.json from before a setting existed resumes only with that setting at its default."""
+    recorded = RunSettings(run_name=RUN).model_dump()
+    del recorded["fairness_groups"], recorded["age_bands"]
+    assert settings_differences(recorded, RunSettings(run_name=RUN)) == []
+    changed = RunSettings(run_name=RUN, fairness_groups="sex")
+    assert settings_differences(recorded, changed) == ["fairness-groups"]
+
+
 # -- resume_point ------------------------------------------------------------------------
 
 
