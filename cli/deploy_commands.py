@@ -151,6 +151,14 @@ def run(
         help="Continue the run in --out after its last completed round (after a "
         "coordinator restart), with the settings it was started with.",
     ),
+    fairness_groups: str = typer.Option(
+        "sex,age",
+        help="Subgroups each site evaluates the model by, comma-separated: binary or "
+        "categorical columns of the task, or age (in --age-bands); '' turns it off.",
+    ),
+    age_bands: str = typer.Option(
+        "50,65", help="Age band edges in years: 50,65 gives <50, 50-64, 65+."
+    ),
     superlink: str | None = typer.Option(None, help="HOST:PORT (default: the bundle's)."),
     timeout: float | None = typer.Option(None, help="Give up after this many seconds."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -180,6 +188,8 @@ def run(
             "secure_agg": secure_agg,
             "run_name": run_name,
             "resume": resume,
+            "fairness_groups": fairness_groups,
+            "age_bands": age_bands,
         }
         settings = _run_settings(opts, out_dir, checked)
         flwr_home = out_dir / ".flwr-home"
@@ -243,6 +253,7 @@ def _run_settings(opts: dict[str, Any], out_dir: Path, bundle: ServerBundle) -> 
             "learning_rate": defaults["learning_rate"],
             "test_fraction": defaults["test_fraction"],
             "secure_agg": opts["secure_agg"],
+            **{k: opts[k] for k in ("fairness_groups", "age_bands") if k in opts},
             "data_root": "",
             "out_dir": str(out_dir),
             "secagg_roster": str(bundle.roster.resolve()),

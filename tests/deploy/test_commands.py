@@ -172,6 +172,15 @@ def test_run_signs_its_round_records_with_the_bundles_coordinator_key(
     assert certificate == pki / "server" / "coordinator.pem"
 
 
+def test_run_passes_the_fairness_groups(pki: Path, tmp_path: Path) -> None:
+    bundle = load_server_bundle(pki / "server")
+    opts = _run_opts(fairness_groups="sex", age_bands="40,60,80")
+    settings = _run_settings(opts, tmp_path / "out", bundle)
+    assert settings.fairness_attributes() == ("sex",) and settings.age_bands == "40,60,80"
+    with pytest.raises(ValueError, match="bmi_band"):
+        _run_settings(_run_opts(fairness_groups="bmi_band"), tmp_path / "out", bundle)
+
+
 def _started(out: Path, settings: RunSettings) -> None:
     """What the ServerApp leaves in --out that a resume reads."""
     out.mkdir(parents=True, exist_ok=True)
