@@ -88,7 +88,7 @@ def fairness_section(report: Mapping[str, Any]) -> list[Block]:
         _by_site_table(as_dict(fairness.get("by_site")), metrics),
         Bullets("Groups withheld below a site's minimum cohort", _per_site(fairness, "suppressed"),
                 empty="No group was withheld."),
-        Bullets("Sites without subgroup figures", _without(fairness), empty="None."),
+        Bullets("Sites with missing subgroup figures", _without(fairness), empty="None."),
     ]  # fmt: skip
     if as_text(fairness.get("note")):
         blocks.append(Para(as_text(fairness.get("note"))))
@@ -155,10 +155,10 @@ def _per_site(fairness: Mapping[str, Any], key: str) -> list[str]:
 
 
 def _without(fairness: Mapping[str, Any]) -> list[str]:
-    """Sites that sent no usable figures: unavailable, ignored or not reported, with why."""
+    """Sites whose figures are missing in part (attributes unavailable) or in whole, with why."""
     items = []
     for key, what in (
-        ("unavailable", "unavailable"),
+        ("unavailable", "attributes unavailable"),
         ("ignored", "report ignored"),
         ("not_reported", "not reported"),
     ):

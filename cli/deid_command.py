@@ -64,6 +64,14 @@ def deid(
     labels: bool = typer.Option(
         True, "--labels/--no-labels", help="Rewrite IN_DIR/labels.csv with the same mapping."
     ),
+    retain_patient_characteristics: bool = typer.Option(
+        False,
+        "--retain-patient-characteristics",
+        help="PS3.15 Retain Patient Characteristics Option: keep Patient's Sex, Age, Size "
+        "and Weight (the Basic Profile empties sex and removes the others). Needed for "
+        "per-subgroup (sex, age) evaluation of imaging models; recorded in each file "
+        "(DCM 113108) and in the report.",
+    ),
     json_output: bool = typer.Option(
         False, "--json", help="Print the report (as in deid_report.json) as JSON."
     ),
@@ -73,8 +81,9 @@ def deid(
     Every attribute the profile lists is removed, emptied or replaced;
     private tags are removed; UIDs are remapped with a keyed hash
     (consistent across files and runs); Patient ID and name become a
-    keyed pseudonym; dates move back by a per-patient offset.
-    PatientIdentityRemoved and DeidentificationMethod are set.
+    keyed pseudonym; dates move back by a per-patient offset. With
+    --retain-patient-characteristics, patient sex, age, size and weight
+    are kept. PatientIdentityRemoved and DeidentificationMethod are set.
 
     Pixel data stays bit-identical (never decoded), so burned-in text is
     not removed: files whose BurnedInAnnotation is not NO are flagged.
@@ -89,7 +98,12 @@ def deid(
         key, created = _lib().load_or_create_key(key_file, forbidden=(out_dir, in_dir))
     except (_lib().DeidError, OSError) as exc:
         _fail(str(exc))
-    options = _lib().DeidOptions(shift_dates=shift_dates, labels=labels, overwrite=overwrite)
+    options = _lib().DeidOptions(
+        shift_dates=shift_dates,
+        labels=labels,
+        overwrite=overwrite,
+        retain_patient_characteristics=retain_patient_characteristics,
+    )
     try:
         report = _run(in_dir, out_dir, key, options, quiet=json_output)
     except (_lib().DeidError, OSError) as exc:
@@ -127,6 +141,7 @@ def _summary(report: DeidReport, created_key: Path | None) -> None:
     ):
         table.add_row(label, str(data[key]))
     table.add_row("burned-in annotation flags", str(len(report.flagged)))
+    table.add_row("patient characteristics", data["patient_characteristics"])
     if report.labels is not None:
         table.add_row("labels.csv rows remapped", str(report.labels["rows"]))
     console.print(table)

@@ -173,7 +173,7 @@ def _fairness_caption(fairness: dict[str, Any]) -> str:
         + ("; ".join(f"{s}: {', '.join(g)}" for s, g in suppressed.items()) or "none")
     )
     for site, why in (fairness.get("unavailable") or {}).items():
-        lines.append(f"{site}: {why}")
+        lines.append(f"{site}: attributes unavailable ({why})")
     for site, why in (fairness.get("ignored") or {}).items():
         lines.append(f"{site}: report ignored ({why})")
     for site, why in (fairness.get("not_reported") or {}).items():

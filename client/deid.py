@@ -28,9 +28,18 @@
   still removed, and Patient's Birth Date keeps its ``Z`` (it is a patient
   characteristic, not longitudinal). A value that is not a full date is emptied. With
   ``shift_dates=False`` dates get the table's actions instead (unlisted dates emptied);
+- opt-in, ``retain_patient_characteristics``: the Retain Patient Characteristics Option
+  for the four attributes of :data:`PATIENT_CHARACTERISTICS` (Patient's Sex, Age, Size
+  and Weight), which are kept where the Basic Profile empties Patient's Sex and removes
+  the rest. Sex and age are what a site needs to evaluate the model per subgroup
+  (:mod:`medfed.client.fairness`). The option's column in PS3.15 Table E.1-1 also keeps
+  Patient's Sex Neutered, Ethnic Group, Pregnancy Status and Smoking Status and cleans
+  Allergies, Pre-Medication, Special Needs and Patient State; those still get the Basic
+  Profile's action here (retaining less than the option allows), and the method text
+  says which four were kept;
 - PatientIdentityRemoved = YES, DeidentificationMethod, DeidentificationMethodCodeSequence
-  (DCM 113100, plus 113107 when dates are shifted) and
-  LongitudinalTemporalInformationModified are set.
+  (CID 7050: DCM 113100, plus 113107 when dates are shifted and 113108 when patient
+  characteristics are kept) and LongitudinalTemporalInformationModified are set.
 
 Pixel data is never decoded: Pixel Data, Float and Double Float Pixel Data keep their
 exact bytes (encapsulated fragments included), the transfer syntax is unchanged, and
@@ -109,6 +118,14 @@ _META_REMOVE = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00
 _META_REMOVE_PRIVATE = (0x00020100, 0x00020102)
 _DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
 _COMPOUND = {"X/Z": "X", "X/D": "X", "X/Z/D": "X", "Z/D": "Z", "X/Z/U*": "U*", "C": "D"}
+PATIENT_CHARACTERISTICS = {  # kept by the Retain Patient Characteristics Option (opt-in)
+    0x00100040: "Patient's Sex",
+    0x00101010: "Patient's Age",
+    0x00101020: "Patient's Size",
+    0x00101030: "Patient's Weight",
+}
+DATES_OPTION = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
+PATIENT_OPTION = ("113108", "Retain Patient Characteristics Option")
 
 
 class DeidError(ValueError):
@@ -120,10 +137,11 @@ class DeidError(ValueError):
 
 @dataclass(frozen=True)
 class DeidContext:
-    """The site key and date policy; every mapping is a pure function of them."""
+    """The site key, date policy and options; every mapping is a pure function of them."""
 
     key: bytes = field(repr=False)
     shift_dates: bool = True
+    retain_patient_characteristics: bool = False
 
     def __post_init__(self) -> None:
         if len(self.key) < MIN_KEY_BYTES:
@@ -195,6 +213,8 @@ def _clean_element(dataset: Dataset, elem: DataElement, ctx: DeidContext, shift:
     code = row.action if row else "K"
     if _is_overlay(elem.tag):
         code = "X"
+    if ctx.retain_patient_characteristics and elem.tag in PATIENT_CHARACTERISTICS:
+        code = "K"
     if elem.VR in ("DA", "DT", "TM") and _temporal(elem, code, ctx, shift):
         return
     action = resolve_action(code)
@@ -287,10 +307,14 @@ def _shift_value(value: str, vr: str, days: int) -> str:
 def _mark(ds: Dataset, ctx: DeidContext) -> None:
     ds.PatientIdentityRemoved = "YES"
     dates = "per-patient date shift" if ctx.shift_dates else "dates removed"
-    ds.DeidentificationMethod = [*METHOD, dates]
+    method = [*METHOD, dates]
     codes = [("113100", "Basic Application Confidentiality Profile")]
     if ctx.shift_dates:
-        codes.append(("113107", "Retain Longitudinal Temporal Information Modified Dates Option"))
+        codes.append(DATES_OPTION)
+    if ctx.retain_patient_characteristics:
+        method.append("patient sex, age, size and weight kept")
+        codes.append(PATIENT_OPTION)
+    ds.DeidentificationMethod = method
     ds.DeidentificationMethodCodeSequence = Sequence([_code_item(*c) for c in codes])
     ds.LongitudinalTemporalInformationModified = "MODIFIED" if ctx.shift_dates else "REMOVED"
 
@@ -461,6 +485,7 @@ class DeidReport:
 
     out_dir: Path
     shift_dates: bool = True
+    retain_patient_characteristics: bool = False
     files_seen: int = 0
     written: list[Written] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
@@ -473,12 +498,26 @@ class DeidReport:
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(Counter(s.reason for s in self.skipped).most_common())
 
+    def options(self) -> list[str]:
+        """The PS3.15 options applied on top of the Basic Profile (their CID 7050 names)."""
+        chosen = [
+            (self.shift_dates, DATES_OPTION),
+            (self.retain_patient_characteristics, PATIENT_OPTION),
+        ]
+        return [f"{name} (DCM {code})" for on, (code, name) in chosen if on]
+
     def to_json(self, ctx: DeidContext | None = None) -> dict[str, Any]:
         """Counts, new relative paths, reasons and flags: no original identifier."""
         return {
             "tool": "medfed data deid",
             "profile": PROFILE_NAME,
+            "options": self.options(),
             "dates": "shifted per patient (1-365 days back)" if self.shift_dates else "removed",
+            "patient_characteristics": (
+                f"kept: {', '.join(PATIENT_CHARACTERISTICS.values())}"
+                if self.retain_patient_characteristics
+                else "Patient's Sex emptied; Patient's Age, Size and Weight removed"
+            ),
             "pixel_data": "bit-identical to the input (verified by re-reading every file)",
             "burned_in_annotation": "not removed from pixels; files without "
             "BurnedInAnnotation=NO are flagged for review",
@@ -504,11 +543,13 @@ class DeidReport:
 
 @dataclass(frozen=True)
 class DeidOptions:
-    """Run options. ``labels``: rewrite IN_DIR/labels.csv when it exists."""
+    """Run options. ``labels``: rewrite IN_DIR/labels.csv when it exists;
+    ``retain_patient_characteristics``: keep sex, age, size and weight (opt-in)."""
 
     shift_dates: bool = True
     labels: bool = True
     overwrite: bool = False
+    retain_patient_characteristics: bool = False
 
 
 def deidentify_tree(
@@ -524,7 +565,7 @@ def deidentify_tree(
     DeidError before writing anything if the directories, key or labels.csv are unusable.
     """
     options = options or DeidOptions()
-    ctx = DeidContext(key, options.shift_dates)
+    ctx = DeidContext(key, options.shift_dates, options.retain_patient_characteristics)
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     check_dirs(in_dir, out_dir, options.overwrite)
     labels_in = in_dir / LABELS_NAME
@@ -539,7 +580,11 @@ def deidentify_tree(
         in_dir / DICOM_DIR if site else in_dir,
         out_dir / DICOM_DIR if site else out_dir,
         out_dir,
-        DeidReport(out_dir=out_dir, shift_dates=options.shift_dates),
+        DeidReport(
+            out_dir=out_dir,
+            shift_dates=options.shift_dates,
+            retain_patient_characteristics=options.retain_patient_characteristics,
+        ),
         Path(LABELS_NAME) if labels else None,
         (Path(WITHDRAWN_NAME),) if withdrawn is not None else (),
     )

@@ -48,11 +48,21 @@ Volumes without any window are windowed after in-plane resampling, with the rang
 all their slices; since that window is linear and never clips, this equals windowing
 first. Arrays are float32 in [0, 1]: (size, size) images, (depth, size, size) volumes.
 
+Each item also carries the patient's sex and age from the header (Patient's Sex
+(0010,0040) and Patient's Age (0010,1010); a volume takes its first file's), for
+per-subgroup evaluation at the site (``medfed.client.fairness``). They are read, never
+required: an absent or malformed value is unknown (``""`` / None) and never quarantines
+a file. Age is not derived from Patient's Birth Date: the Basic Profile empties it, and
+Patient's Age is what the Retain Patient Characteristics Option keeps.
+
 With ``cache_dir`` the decoded, preprocessed arrays and each file's header summary are
 kept in ``medfed.client.image_cache`` keyed by the SHA-256 of the file bytes, so a later
-pass reads and hashes the files and loads arrays without parsing any DICOM. Trees of
-``CHUNK_MIN_FILES`` files or more have their arrays written in chunk files rather than
-one file each (creating files dominated a first pass over uncompressed images).
+pass reads and hashes the files and loads arrays without parsing any DICOM. Header
+summaries live in a namespace named by :func:`header_key` (``HEADER_VERSION`` and the
+summary's field names), so a summary written by an older version is never read as a
+current one. Trees of ``CHUNK_MIN_FILES`` files or more have their arrays written in
+chunk files rather than one file each (creating files dominated a first pass over
+uncompressed images).
 """
 
 from __future__ import annotations
@@ -87,6 +97,10 @@ from scipy.sparse import csr_matrix
 from medfed.client.image_cache import ImageCache, combined_hash, content_hash
 
 PREPROCESS_VERSION = "2"  # bump when the arrays produced for a given Preprocess change
+HEADER_VERSION = "2"  # bump when what a Header holds, or how a field is read, changes
+SEXES = ("F", "M")  # Patient's Sex values used as groups; O, other or absent: unknown
+AGE_UNIT_YEARS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+MAX_AGE_YEARS = 150.0  # a larger Patient's Age is taken as a bad value (unknown)
 QUARANTINE_KINDS = (
     "not DICOM",
     "truncated",
@@ -104,11 +118,12 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PIXEL_TAGS = tuple(tag_for_keyword(k) for k in _PIXEL_KEYWORDS)
 _MODALITY_LUT_TAG = tag_for_keyword("ModalityLUTSequence")
 _GROUP_TAGS = (0x52009229, 0x52009230)  # Shared / PerFrame FunctionalGroupsSequence
-_RAW_VRS = frozenset({"US", "IS", "DS", "UI", "CS", "DA"})  # read from raw bytes
+_RAW_VRS = frozenset({"US", "IS", "DS", "UI", "CS", "DA", "AS"})  # read from raw bytes
 _PLAIN_TEXT_VRS = frozenset({"LO", "SH"})  # read from raw bytes when printable ASCII
 _PRINTABLE = re.compile(rb"[\x20-\x5b\x5d-\x7e]+")  # printable ASCII but the backslash
 _KEYWORD_TAGS: dict[str, tuple[int | None, str | None]] = {}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_AGE = re.compile(r"(\d{1,3})([DWMY])")  # AS: nnnD, nnnW, nnnM or nnnY (zeros optional)
 
 
 # -- public types -------------------------------------------------------------------------
@@ -167,7 +182,9 @@ class Preprocess:
 class ImageItem:
     """One training-ready image or volume and where it came from.
 
-    Equality compares the headers and files, not the pixels.
+    Equality compares the headers and files, not the pixels. ``sex`` ("F", "M" or ""
+    for unknown) and ``age_years`` (None for unknown) are the patient's, from the header
+    (the first file's for a volume); they stay at the site.
     """
 
     patient_id: str
@@ -180,6 +197,8 @@ class ImageItem:
     files: tuple[str, ...]
     identity_removed: bool
     array: np.ndarray = field(repr=False, compare=False)
+    sex: str = ""
+    age_years: float | None = None
 
     @property
     def is_volume(self) -> bool:
@@ -209,6 +228,8 @@ class Header:
     frame_offsets: tuple[float, ...] | None
     identity_removed: bool
     transfer_syntax: str
+    sex: str = ""
+    age_years: float | None = None
 
     @property
     def is_series_slice(self) -> bool:
@@ -237,7 +258,14 @@ class Header:
         texts = (header.patient_id, header.study_uid, header.series_uid, header.modality)
         if not all(isinstance(v, int) for v in ints) or not all(isinstance(v, str) for v in texts):
             return None
+        if header.sex not in ("", *SEXES) or not _valid_age(header.age_years):
+            return None
         return header
+
+
+def header_key() -> str:
+    """The header cache's namespace: version and field names of :class:`Header`."""
+    return f"medfed-header/v{HEADER_VERSION}/" + ",".join(Header.__dataclass_fields__)
 
 
 class _Reject(Exception):
@@ -246,6 +274,34 @@ class _Reject(Exception):
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind, self.detail = kind, detail
+
+
+def patient_sex(value: Any) -> str:
+    """Patient's Sex as a group: "F" or "M"; "" (unknown) for O, absent or anything else."""
+    text = "" if value is None else str(value).strip().upper()
+    return text if text in SEXES else ""
+
+
+def patient_age_years(value: Any) -> float | None:
+    """Patient's Age (AS, ``nnnY``/``M``/``W``/``D``) in years; None when absent or bad.
+
+    Leading zeros may be missing (``65Y``); a bare number, another unit or an age over
+    :data:`MAX_AGE_YEARS` is a bad value, hence unknown.
+    """
+    if value is None or isinstance(value, bytes | bytearray):
+        return None
+    match = _AGE.fullmatch(str(value).strip().upper())
+    if match is None:
+        return None
+    years = int(match.group(1)) * AGE_UNIT_YEARS[match.group(2)]
+    return years if years <= MAX_AGE_YEARS else None
+
+
+def _valid_age(value: Any) -> bool:
+    if value is None:
+        return True
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and math.isfinite(value) and 0 <= value <= MAX_AGE_YEARS
 
 
 def _syntax_name(syntax: str) -> str:
@@ -259,8 +315,8 @@ def _floats(values: Any) -> tuple[float, ...]:
 def _get(ds: Dataset, keyword: str) -> Any:
     """An element's value, or None when absent or unreadable (bad VR, bad number).
 
-    Numbers, UIDs and code strings are read straight from the raw bytes (a scalar, or a
-    list when multi-valued), which skips pydicom's conversion and validation and makes
+    Numbers, UIDs, code strings, dates and ages are read straight from the raw bytes (a
+    scalar, or a list when multi-valued), which skips pydicom's conversion and validation and makes
     header reading several times faster; so is plain short text (LO, SH: printable
     ASCII without a backslash reads the same in every character set). Other VRs (names,
     other text, sequences) go through pydicom.
@@ -395,6 +451,8 @@ def read_header(ds: Dataset) -> Header:
         frame_offsets=_frame_offsets(ds, frames) if frames > 1 else None,
         identity_removed=_identity_removed(ds),
         transfer_syntax=syntax,
+        sex=patient_sex(_get(ds, "PatientSex")),
+        age_years=patient_age_years(_get(ds, "PatientAge")),
     )
 
 
@@ -983,6 +1041,8 @@ class _Loader:
             files=tuple(str(f.path) for f in files),
             identity_removed=all(f.header.identity_removed for f in files),
             array=array,
+            sex=h.sex,
+            age_years=h.age_years,
         )
         number = 0 if volume else (h.instance_number or 0)
         order = (h.patient_id, h.study_uid, h.series_uid, number, item.instance_uid, item.files)
@@ -1033,7 +1093,11 @@ def load_images(
         inner = Path(cache_dir).resolve()  # a cache inside the tree is not part of it
         paths = [p for p in paths if not p.resolve().is_relative_to(inner)]
     chunked = len(paths) >= CHUNK_MIN_FILES
-    cache = ImageCache(Path(cache_dir), prep.key(), chunked=chunked) if cache_dir else None
+    cache = (
+        ImageCache(Path(cache_dir), prep.key(), chunked=chunked, header_key=header_key())
+        if cache_dir
+        else None
+    )
     loader = _Loader(prep, cache)
     try:
         with warnings.catch_warnings():

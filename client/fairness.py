@@ -4,8 +4,13 @@ A site splits its test patients by each configured attribute (:mod:`medfed.commo
 and computes, per group, the counts and metrics the coordinator needs to pool them
 across sites: for a binary task the confusion counts at a 0.5 threshold, AUC, mean
 predicted risk, observed rate and expected calibration error; for a regression task
-MAE, RMSE and bias in clinical units. The group of each patient is decoded from the
-encoded features by the task's public scaling: no other data path, nothing fitted.
+MAE, RMSE and bias in clinical units. For a clinical task the group of each patient is
+decoded from the encoded features by the task's public scaling: no other data path,
+nothing fitted. For an imaging task it comes from the DICOM header of each test sample
+(``ImagingData.sex`` / ``age_years``: Patient's Sex F/M and Patient's Age, banded at the
+same edges), with the same group names. A sample whose attribute is unknown belongs to
+no group of that attribute; when it is unknown for every test sample (Basic Profile
+de-identification removes both), the attribute is reported unavailable, naming the tag.
 
 What may leave: a group's figures only when it holds at least the site's minimum cohort.
 A smaller group is listed by name under ``suppressed``, without its size. Because the
@@ -13,7 +18,8 @@ site's total test count is released too, withholding one small group is not enou
 (its size would be the total minus the released groups), so within an attribute the
 site also withholds the smallest released groups until the withheld groups together
 hold at least the minimum cohort (or are all empty): every figure that can be derived
-from what leaves covers at least the minimum cohort.
+from what leaves covers at least the minimum cohort. Samples of unknown attribute count
+as withheld there: they too are part of the total minus the released groups.
 
 Released as one string metric, ``fairness`` (:data:`medfed.common.messages.FAIRNESS_KEY`)::
 
@@ -22,8 +28,10 @@ Released as one string metric, ``fairness`` (:data:`medfed.common.messages.FAIRN
                                "mean_predicted", "observed_rate", "ece"}, ...},
      "suppressed": ["sex=male", ...]}
 
-(regression groups hold ``n``, ``mae``, ``rmse``, ``bias``; an imaging site sends no
-groups and says why under ``unavailable``).
+(regression groups hold ``n``, ``mae``, ``rmse``, ``bias``). An attribute a site cannot
+split by is named with why under ``unavailable_attributes`` ({"sex": "Patient's Sex
+(0010,0040) absent ..."}); ``unavailable`` repeats the reasons as one string
+("sex: ...; age: ..."), the field version-1 readers (the coordinator) show.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ import numpy as np
 from medfed.common.messages import FAIRNESS_KEY
 from medfed.common.subgroups import (
     AGE,
+    DICOM_SEX_CODES,
     MISSING_LABEL,
+    SEX_LABELS,
     band_labels,
     group_name,
     value_label,
@@ -52,9 +62,10 @@ if TYPE_CHECKING:
 FAIRNESS_VERSION = 1
 THRESHOLD = 0.5
 ECE_BINS = 10
-IMAGING_UNAVAILABLE = (
-    "subgroup attributes are unavailable for imaging tasks: the DICOM loader does not "
-    "read PatientSex or PatientAge"
+IMAGING_TAGS = {"sex": "Patient's Sex (0010,0040)", AGE: "Patient's Age (0010,1010)"}
+IMAGING_UNKNOWN = (
+    "{tag} absent or unreadable in every test image: de-identified without the "
+    "Retain Patient Characteristics option?"
 )
 
 
@@ -66,10 +77,17 @@ def fairness_metrics(
     min_cohort: int,
 ) -> dict[str, str]:
     """The ``fairness`` metric of the model on a site's test split (one JSON string)."""
-    if isinstance(test.spec, ImagingSpec):
-        return {FAIRNESS_KEY: encode(unavailable(IMAGING_UNAVAILABLE))}
     from medfed.client.training import predict
 
+    if isinstance(test.spec, ImagingSpec):
+        if any(_imaging_known(test.sex, test.age_years, a) for a in attributes):
+            outputs = predict(model, test.X)
+        else:
+            outputs = np.zeros(len(test.y))  # no group to evaluate: the model is not run
+        payload = imaging_fairness(
+            test.y, outputs, test.spec, test.sex, test.age_years, attributes, age_edges, min_cohort
+        )
+        return {FAIRNESS_KEY: encode(payload)}
     outputs = predict(model, test.X)
     payload = site_fairness(test.X, test.y, outputs, test.spec, attributes, age_edges, min_cohort)
     return {FAIRNESS_KEY: encode(payload)}
@@ -89,6 +107,43 @@ def site_fairness(
     Groups under ``min_cohort`` (and complements that would reveal them) are listed
     under ``suppressed`` by name only.
     """
+    splits = [group_index(X, spec, attribute, age_edges) for attribute in attributes]
+    return grouped_fairness(y, outputs, spec, splits, min_cohort)
+
+
+def imaging_fairness(
+    y: np.ndarray,
+    outputs: np.ndarray,
+    spec: ImagingSpec,
+    sex: list[str],
+    age_years: list[float | None],
+    attributes: tuple[str, ...],
+    age_edges: tuple[int, ...],
+    min_cohort: int,
+) -> dict[str, Any]:
+    """Per-group metrics of ``outputs`` (logits) on imaging samples, grouped by header.
+
+    An attribute unknown for every sample is left out and named, with its DICOM tag,
+    under ``unavailable_attributes`` (and ``unavailable``).
+    """
+    known = [a for a in attributes if _imaging_known(sex, age_years, a)]
+    splits = [imaging_group_index(sex, age_years, a, age_edges) for a in known]
+    payload = grouped_fairness(y, outputs, spec, splits, min_cohort)
+    reasons = {
+        a: IMAGING_UNKNOWN.format(tag=IMAGING_TAGS.get(a, a)) for a in attributes if a not in known
+    }
+    return mark_unavailable(payload, reasons)
+
+
+def grouped_fairness(
+    y: np.ndarray,
+    outputs: np.ndarray,
+    spec: TaskSpec | ImagingSpec,
+    splits: list[tuple[list[str], np.ndarray]],
+    min_cohort: int,
+) -> dict[str, Any]:
+    """The payload for given groups: per attribute, its group names and each sample's
+    group (an index into the names; -1 for a sample in no group)."""
     binary = spec.is_binary
     payload: dict[str, Any] = {
         "version": FAIRNESS_VERSION,
@@ -99,10 +154,9 @@ def site_fairness(
     if binary:
         payload["threshold"] = THRESHOLD
     y, outputs = np.asarray(y, dtype=np.float64), np.asarray(outputs, dtype=np.float64)
-    for attribute in attributes:
-        names, index = group_index(X, spec, attribute, age_edges)
+    for names, index in splits:
         sizes = [int(np.sum(index == g)) for g in range(len(names))]
-        released = releasable(sizes, min_cohort)
+        released = releasable(sizes, min_cohort, hidden=int(np.sum(index < 0)))
         for g, name in enumerate(names):
             if not released[g]:
                 payload["suppressed"].append(name)
@@ -116,9 +170,12 @@ def site_fairness(
     return payload
 
 
-def unavailable(reason: str) -> dict[str, Any]:
-    """The report of a site that cannot split its patients into groups, with why."""
-    return {"version": FAIRNESS_VERSION, "groups": {}, "suppressed": [], "unavailable": reason}
+def mark_unavailable(payload: dict[str, Any], reasons: dict[str, str]) -> dict[str, Any]:
+    """Name the attributes the site cannot split by, with why (none: ``payload`` as is)."""
+    if reasons:
+        payload["unavailable_attributes"] = dict(reasons)
+        payload["unavailable"] = "; ".join(f"{a}: {why}" for a, why in reasons.items())
+    return payload
 
 
 def encode(payload: dict[str, Any]) -> str:
@@ -157,6 +214,36 @@ def group_index(
     return names, index
 
 
+def imaging_group_index(
+    sex: list[str], age_years: list[float | None], attribute: str, age_edges: tuple[int, ...]
+) -> tuple[list[str], np.ndarray]:
+    """Every group of ``attribute`` (in order) and each sample's group, from its header
+    values: -1 where the value is unknown (the sample is in no group)."""
+    if attribute == "sex":
+        names = [group_name(attribute, SEX_LABELS[c]) for c in sorted(SEX_LABELS)]
+        index = np.asarray([DICOM_SEX_CODES.get(s, -1) for s in sex], dtype=np.int64)
+        return names, index
+    if attribute == AGE:
+        names = [group_name(attribute, label) for label in band_labels(age_edges)]
+        ages = np.asarray([np.nan if a is None else a for a in age_years], dtype=np.float64)
+        edges = np.asarray(age_edges, dtype=np.float64)
+        index = np.searchsorted(edges, np.nan_to_num(ages), side="right")
+        return names, np.where(np.isnan(ages), -1, index).astype(np.int64)
+    raise ValueError(
+        f"{attribute!r} is not a subgroup attribute of imaging tasks "
+        f"(allowed: {', '.join(IMAGING_TAGS)})"
+    )
+
+
+def _imaging_known(sex: list[str], age_years: list[float | None], attribute: str) -> bool:
+    """Whether any sample has a known value of ``attribute``."""
+    if attribute == "sex":
+        return any(s in DICOM_SEX_CODES for s in sex)
+    if attribute == AGE:
+        return any(a is not None for a in age_years)
+    return True  # not an imaging attribute: imaging_group_index raises on it
+
+
 def _column(spec: TaskSpec, attribute: str) -> tuple[Column, int]:
     offset = 0
     for column in spec.columns:
@@ -169,17 +256,18 @@ def _column(spec: TaskSpec, attribute: str) -> tuple[Column, int]:
     )
 
 
-def releasable(sizes: list[int], min_cohort: int) -> list[bool]:
+def releasable(sizes: list[int], min_cohort: int, hidden: int = 0) -> list[bool]:
     """Which groups of one attribute may be released (see the module docstring).
 
     A group is released when it holds at least ``min_cohort`` patients and withholding
     the others does not let them be recovered as the total minus the released ones:
-    while the withheld groups hold between 1 and ``min_cohort - 1`` patients together,
-    the smallest released group is withheld as well.
+    while the withheld groups (plus ``hidden`` patients in no group, never released)
+    hold between 1 and ``min_cohort - 1`` patients together, the smallest released
+    group is withheld as well.
     """
     released = [n >= min_cohort for n in sizes]
     while any(released):
-        withheld = sum(n for n, r in zip(sizes, released, strict=True) if not r)
+        withheld = hidden + sum(n for n, r in zip(sizes, released, strict=True) if not r)
         if withheld == 0 or withheld >= min_cohort:
             break
         smallest = min((i for i, r in enumerate(released) if r), key=lambda i: sizes[i])

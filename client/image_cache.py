@@ -5,10 +5,14 @@ reads the same files every round and every run. The cache stores, under ``root``
 
 - one *header record* per file: the header fields needed to group and order files, or
   the reason the file was quarantined. Keyed by the SHA-256 of the file's bytes only, so
-  a later pass reads and hashes each file but never parses it again. The records of a
-  pass are written together as one JSON batch file at its end (``flush``; creating a
-  file per record cost more than parsing the header), and batches are merged into one
-  when there are more than ``MAX_BATCHES``;
+  a later pass reads and hashes each file but never parses it again. The records sit in
+  a folder named by the caller's *header key* (``dicom_data.header_key()``: a version
+  and the record's field names), so records of an older shape (before Patient's Sex and
+  Age were read, say) are never mistaken for current ones: they are simply not found.
+  The records of a pass are written together as one JSON batch file at its end
+  (``flush``; creating a file per record cost more than parsing the header), and
+  batches are merged into one when there are more than ``MAX_BATCHES`` or when a record
+  replaces one on disk;
 - one *entry* per image or volume and preprocessing: the array (``.npy``) or the reason
   it could not be decoded (``.json``). Keyed by the content hash of the source file(s)
   and, through the folder, by ``Preprocess.key()``. Arrays are written one ``.npy`` file
@@ -24,7 +28,8 @@ reads the same files every round and every run. The cache stores, under ``root``
 Layout (``<env>`` names the decoder versions, so that installing or upgrading a pixel
 data plugin never serves a stale result; an old ``<env>`` folder can simply be deleted)::
 
-    <root>/v1-<env>/headers/batch-<hash of the content>.json   {"records": {sha256: ...}}
+    <root>/v1-<env>/headers-<hash of the header key>/batch-<hash of the content>.json
+                                                     {"records": {sha256: ...}}
     <root>/v1-<env>/prep-<hash of Preprocess.key()>/key.txt
     <root>/v1-<env>/prep-<hash of Preprocess.key()>/<a>/<entry key>.npy | .json
     <root>/v1-<env>/prep-<hash of Preprocess.key()>/chunks/chunk-<hash of the content>.npc
@@ -104,13 +109,22 @@ def decoder_environment() -> str:
 
 
 class ImageCache:
-    """Header records and preprocessed arrays of one preprocessing, under ``root``."""
+    """Header records and preprocessed arrays of one preprocessing, under ``root``.
+
+    ``header_key`` names the shape of the header records (see the module docstring).
+    """
 
     def __init__(
-        self, root: Path, prep_key: str, environment: str | None = None, chunked: bool = False
+        self,
+        root: Path,
+        prep_key: str,
+        environment: str | None = None,
+        chunked: bool = False,
+        header_key: str = "",
     ) -> None:
         self.base = Path(root) / f"{CACHE_FORMAT}-{environment or decoder_environment()}"
-        self.headers = self.base / "headers"
+        header_folder = hashlib.sha256(header_key.encode()).hexdigest()[:16]
+        self.headers = self.base / f"headers-{header_folder}"
         self.entries = self.base / f"prep-{hashlib.sha256(prep_key.encode()).hexdigest()[:16]}"
         self._prep_key = prep_key
         self._entry_folder = os.fspath(self.entries)
@@ -151,7 +165,10 @@ class ImageCache:
         if self._known is None:
             self._known = self._load_batches()
         old = sorted(self.headers.glob("batch-*.json")) if self.headers.is_dir() else []
-        merge = len(old) >= MAX_BATCHES
+        # A record that replaces one on disk (rebuilt because it failed a check) must not
+        # sit beside it: batches are read in name order, so the stale one could win.
+        replaced = any(digest in self._known for digest in self._pending)
+        merge = len(old) >= MAX_BATCHES or replaced
         records = {**self._known, **self._pending} if merge else dict(self._pending)
         data = _json_bytes({"records": records})
         name = f"batch-{hashlib.sha256(data).hexdigest()[:16]}.json"

@@ -68,7 +68,10 @@ class ImagingData:
 
     ``X`` holds images (N, 1, S, S) or volumes (N, 1, D, S, S) in [0, 1], ``y`` the 0/1
     labels, ``ids`` the patient ids (which never leave the site; repeated when a patient
-    contributes k > 1 samples), ``files`` each sample's source files.
+    contributes k > 1 samples), ``files`` each sample's source files. ``sex`` ("F", "M"
+    or "" for unknown) and ``age_years`` (None for unknown) are each sample's patient
+    attributes from the DICOM header, used only for per-subgroup aggregates; when not
+    given they are unknown for every sample.
     """
 
     spec: ImagingSpec
@@ -84,6 +87,17 @@ class ImagingData:
     label_rows_skipped: list[SkippedRow] = field(default_factory=list)
     beyond_cap: list[tuple[str, ...]] = field(default_factory=list)
     consent: ConsentCount = field(default_factory=ConsentCount)
+    sex: list[str] = field(default_factory=list)
+    age_years: list[float | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.sex and not self.age_years:
+            self.sex, self.age_years = [""] * len(self.ids), [None] * len(self.ids)
+        if not len(self.sex) == len(self.age_years) == len(self.ids):
+            raise ValueError(
+                f"ImagingData: sex ({len(self.sex)}) and age_years ({len(self.age_years)}) "
+                f"must have one entry per sample ({len(self.ids)})"
+            )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -108,6 +122,8 @@ class ImagingData:
             identity_removed=[self.identity_removed[i] for i in index],
             total_rows=len(index),
             samples_per_patient=self.samples_per_patient,
+            sex=[self.sex[i] for i in index],
+            age_years=[self.age_years[i] for i in index],
         )
 
 
@@ -279,6 +295,8 @@ def load_imaging_data(
         label_rows_skipped=labels.skipped,
         beyond_cap=[item.files for item in beyond],
         consent=count,
+        sex=[item.sex for item, _ in chosen],
+        age_years=[item.age_years for item, _ in chosen],
     )
 
 

@@ -7,9 +7,11 @@ categorical column of the task's schema (its values are the groups; ``sex`` read
 female/male, coded 0/1 as in the UCI files) or ``age``, split into bands at public,
 configured edges (``"50,65"`` gives ``<50``, ``50-64`` and ``65+``).
 
-Imaging tasks have no clinical columns: their DICOM headers carry PatientSex and
-PatientAge, but the imaging loader does not read them, so the sites report subgroup
-attributes as unavailable; the settings accept only ``sex`` and ``age`` there.
+Imaging tasks have no clinical columns: their sites read ``sex`` and ``age`` from each
+image's DICOM header (Patient's Sex F/M, coded as :data:`DICOM_SEX_CODES`, and Patient's
+Age), with the same group names, so the coordinator pools imaging and clinical groups
+alike; the settings accept only ``sex`` and ``age`` there. A site whose headers lack an
+attribute (the Basic Profile de-identification removes both) says so per attribute.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from medfed.common.tasks import Column, ImagingSpec, TaskSpec
 
 AGE = "age"
 SEX_LABELS = {0: "female", 1: "male"}
+DICOM_SEX_CODES = {"F": 0, "M": 1}  # Patient's Sex (0010,0040) -> the code of SEX_LABELS
 MISSING_LABEL = "missing"
 IMAGING_ATTRIBUTES = ("sex", "age")
 

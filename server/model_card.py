@@ -392,9 +392,9 @@ def _groups(fairness: dict[str, Any]) -> dict[str, Any]:
         "suppressed": dict(fairness.get("suppressed") or {}),
         "not_reported": {
             **dict(fairness.get("not_reported") or {}),
-            **dict(fairness.get("unavailable") or {}),
             **{s: f"report ignored: {why}" for s, why in (fairness.get("ignored") or {}).items()},
         },
+        "unavailable": dict(fairness.get("unavailable") or {}),
         "note": fairness.get("note", ""),
     }
 
@@ -508,4 +508,10 @@ def _group_limitations(groups: dict[str, Any]) -> list[str]:
     missing = [f"{site} ({why})" for site, why in sorted(groups["not_reported"].items())]
     if missing:
         out.append(f"No group metrics from {'; '.join(missing)}: the group figures leave them out.")
+    lacking = [f"{site} ({why})" for site, why in sorted(groups.get("unavailable", {}).items())]
+    if lacking:
+        out.append(
+            f"Subgroup attributes unavailable at {'; '.join(lacking)}: those groups leave "
+            "out that site's patients."
+        )
     return out

@@ -303,6 +303,9 @@ def _group_notes(g: dict[str, Any]) -> list[str]:
     missing = [f"{site}: {why}" for site, why in g["not_reported"].items()]
     if missing:
         lines += ["", "No group metrics from:", "", *_bullets(missing)]
+    lacking = [f"{site}: {why}" for site, why in (g.get("unavailable") or {}).items()]
+    if lacking:
+        lines += ["", "Subgroup attributes unavailable at:", "", *_bullets(lacking)]
     if g.get("note"):
         lines += ["", str(g["note"])]
     return lines

@@ -4,7 +4,9 @@ Each site gets its own scanner profile (manufacturer, pixel spacing, bits stored
 rescale slope/intercept, photometric interpretation, transfer syntax), so that sites are
 non-IID the way real hospitals are, and realistic *fake* identifying
 data in the headers (names, birth dates, addresses, accession numbers), so that
-de-identification has something to remove. Every patient is fictional.
+de-identification has something to remove. Every patient is fictional. Patient's Sex
+and Patient's Age (whole years at the study date, ``"065Y"``) are set as a modality
+would, so that sites can evaluate the model per sex and age band.
 
 Layout of a site::
 
@@ -283,7 +285,7 @@ def _uid(seed: int, site: int, patient: int, kind: str, instance: int = 0) -> st
 def _fake_patient(rng: np.random.Generator, site: int, p: int) -> dict[str, str]:
     born = date(1935, 1, 1) + timedelta(days=int(rng.integers(0, 365 * 65)))
     first, last = rng.choice(_FIRST), rng.choice(_LAST)
-    return {
+    patient = {
         "PatientName": f"{last}^{first}",
         "PatientID": f"MRN{chr(65 + site)}{100000 + p}",
         "PatientBirthDate": born.strftime("%Y%m%d"),
@@ -297,6 +299,19 @@ def _fake_patient(rng: np.random.Generator, site: int, p: int) -> dict[str, str]
             "%Y%m%d"
         ),
     }
+    # Derived, not drawn: the random stream (and so every pixel) is unchanged.
+    patient["PatientAge"] = age_string(born, _date(patient["StudyDate"]))
+    return patient
+
+
+def age_string(born: date, on: date) -> str:
+    """Patient's Age (AS) on a date, in whole years: ``"065Y"``."""
+    years = on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+    return f"{years:03d}Y"
+
+
+def _date(text: str) -> date:
+    return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
 
 
 def _base_dataset(sop_class: str, seed: int, site: int, patient: int, instance: int) -> Dataset:

@@ -115,3 +115,23 @@ def test_refuses_a_key_inside_out_dir(site, tmp_path):
 def test_missing_in_dir_is_an_error(tmp_path):
     result = _invoke(tmp_path / "nope", tmp_path / "out", "--key-file", tmp_path / "k")
     assert result.exit_code == 1 and "not a directory" in result.output
+
+
+def test_retain_patient_characteristics_flag_keeps_sex_and_age(site, tmp_path):
+    import pydicom
+
+    def first_file(out: Path) -> pydicom.Dataset:
+        return pydicom.dcmread(next((out / "dicom").rglob("*.dcm")))
+
+    key = tmp_path / "keys" / "site.key"
+    plain = _invoke(site, tmp_path / "plain", "--key-file", key, "--json")
+    kept = _invoke(
+        site, tmp_path / "kept", "--key-file", key, "--retain-patient-characteristics", "--json"
+    )
+    assert plain.exit_code == 0 and kept.exit_code == 0, kept.output
+    assert first_file(tmp_path / "plain").get("PatientSex", "") == ""
+    assert "PatientAge" not in first_file(tmp_path / "plain")
+    retained = first_file(tmp_path / "kept")
+    assert retained.PatientSex in ("F", "M") and retained.PatientAge.endswith("Y")
+    codes = [item.CodeValue for item in retained.DeidentificationMethodCodeSequence]
+    assert "113108" in codes

@@ -384,6 +384,67 @@ def test_remove_dates_option(sites, tmp_path):
         assert ds.LongitudinalTemporalInformationModified == "REMOVED"
 
 
+def _by_source(site: Path, out: Path) -> list[tuple[Dataset, Dataset]]:
+    """(input, output) data sets, matched by the keyed SOP Instance UID."""
+    ctx = DeidContext(KEY)
+    outputs = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in _dicoms(out)}
+    inputs = [pydicom.dcmread(p) for p in _dicoms(site)]
+    return [(ds, outputs[ctx.uid(ds.SOPInstanceUID)]) for ds in inputs]
+
+
+def test_basic_profile_empties_sex_and_removes_age(runs):
+    for site, out in runs:
+        data = json.loads((out / REPORT_NAME).read_text())
+        assert "Retain Patient Characteristics" not in json.dumps(data["options"])
+        assert data["patient_characteristics"].startswith("Patient's Sex emptied")
+        for before, after in _by_source(site, out):
+            assert before.PatientSex in ("F", "M") and before.PatientAge.endswith("Y")
+            assert after.PatientSex == "" and "PatientAge" not in after
+
+
+def test_retain_patient_characteristics_option_keeps_sex_and_age(sites, tmp_path):
+    out = tmp_path / "out"
+    options = DeidOptions(retain_patient_characteristics=True)
+    report = deidentify_tree(sites[0], out, KEY, options)
+    assert report.written and not report.skipped
+    for before, after in _by_source(sites[0], out):
+        assert (after.PatientSex, after.PatientAge) == (before.PatientSex, before.PatientAge)
+        assert after.PatientBirthDate == "" and after.PatientID != before.PatientID
+        assert is_deidentified(after)
+        codes = [item.CodeValue for item in after.DeidentificationMethodCodeSequence]
+        assert codes == ["113100", "113107", "113108"]
+        meanings = [i.CodeMeaning for i in after.DeidentificationMethodCodeSequence]
+        assert meanings[-1] == "Retain Patient Characteristics Option"
+        assert "patient sex, age, size and weight kept" in after.DeidentificationMethod
+        assert all(len(v) <= 64 for v in after.DeidentificationMethod)
+    data = json.loads((out / REPORT_NAME).read_text())
+    assert "Retain Patient Characteristics Option (DCM 113108)" in data["options"]
+    assert data["patient_characteristics"] == (
+        "kept: Patient's Sex, Patient's Age, Patient's Size, Patient's Weight"
+    )
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_patient_characteristics_of_one_data_set(retain):
+    ds = Dataset()
+    ds.PatientID = "MRN-2"
+    ds.PatientSex = "F"
+    ds.PatientAge = "071Y"
+    ds.PatientSize = "1.62"
+    ds.PatientWeight = "58"
+    ds.EthnicGroup = "group"
+    ds.SmokingStatus = "NO"
+    deidentify_dataset(ds, DeidContext(KEY, retain_patient_characteristics=retain))
+    kept = ("PatientSex", "PatientAge", "PatientSize", "PatientWeight")
+    if retain:
+        assert [str(ds.get(k)) for k in kept] == ["F", "071Y", "1.62", "58"]
+    else:
+        assert "PatientSex" in ds and not ds.PatientSex  # Z: emptied, not removed
+        assert not any(k in ds for k in kept[1:])
+    # Only these four: other characteristics keep the Basic Profile's action.
+    assert "EthnicGroup" not in ds and "SmokingStatus" not in ds
+
+
 def test_labels_with_extra_columns_drop_them_and_bad_labels_fail_early(sites, tmp_path):
     site = _copy_site(sites[0], tmp_path)
     text = (site / LABELS_NAME).read_text().splitlines()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,19 +12,15 @@ from sklearn.metrics import confusion_matrix, mean_absolute_error, roc_auc_score
 
 from medfed.client.data import load_site_data
 from medfed.client.fairness import (
-    IMAGING_UNAVAILABLE,
     binary_metrics,
-    fairness_metrics,
     group_index,
     releasable,
     site_fairness,
 )
-from medfed.common.messages import FAIRNESS_KEY
 from medfed.common.tasks import (
     HEART_DISEASE_RISK,
     SYNTHETIC_REHAB,
     SYNTHETIC_RISK,
-    SYNTHETIC_XRAY,
 )
 
 from .conftest import csv_text, row
@@ -200,10 +195,3 @@ def test_regression_groups_in_clinical_units(tmp_path: Path) -> None:
         assert got["mae"] == pytest.approx(mean_absolute_error(truth, pred))
         assert got["rmse"] == pytest.approx(np.sqrt(np.mean((pred - truth) ** 2)))
         assert got["bias"] == pytest.approx(np.mean(pred - truth))
-
-
-def test_imaging_sites_say_subgroups_are_unavailable() -> None:
-    test = SimpleNamespace(spec=SYNTHETIC_XRAY, X=np.zeros((3, 1, 8, 8)), y=np.zeros(3))
-    metric = fairness_metrics(None, test, ("sex", "age"), EDGES, 20)  # type: ignore[arg-type]
-    payload = json.loads(metric[FAIRNESS_KEY])
-    assert payload["groups"] == {} and payload["unavailable"] == IMAGING_UNAVAILABLE
