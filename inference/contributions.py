@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 COMPLETENESS_TOLERANCE = 1e-4
 START_STEPS = 64
 MAX_STEPS = 8192
+#: Points along the integration paths evaluated in one batch (bounds memory).
+PATH_POINTS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -75,18 +77,18 @@ def integrated_gradients(model: nn.Module, X: np.ndarray) -> Contributions:
     with torch.no_grad():
         output = net(torch.from_numpy(X)).numpy()
         base = net(torch.zeros(1, X.shape[1], dtype=torch.float64)).numpy()
+    target = output.reshape(-1) - base.reshape(-1)[0]
+    tolerance = COMPLETENESS_TOLERANCE * np.maximum(1.0, np.abs(target))
     values = np.zeros_like(X)
     steps = np.zeros(len(X), dtype=int)
-    for i, x in enumerate(X):
-        target = output[i] - base[0]
-        tolerance = COMPLETENESS_TOLERANCE * max(1.0, abs(target))
-        m = START_STEPS
-        while True:
-            values[i] = _ig_row(net, x, m)
-            if abs(values[i].sum() - target) <= tolerance or m >= MAX_STEPS:
-                break
-            m *= 2
-        steps[i] = m
+    pending = np.arange(len(X))
+    m = START_STEPS
+    while len(pending):
+        values[pending] = _ig_rows(net, X[pending], m)
+        steps[pending] = m
+        converged = np.abs(values[pending].sum(axis=1) - target[pending]) <= tolerance[pending]
+        pending = pending[~converged] if m < MAX_STEPS else pending[:0]
+        m *= 2
     return Contributions(
         values=values,
         baseline_output=np.full(len(X), float(base[0])),
@@ -96,13 +98,20 @@ def integrated_gradients(model: nn.Module, X: np.ndarray) -> Contributions:
     )
 
 
-def _ig_row(net: nn.Module, x: np.ndarray, steps: int) -> np.ndarray:
+def _ig_rows(net: nn.Module, X: np.ndarray, steps: int) -> np.ndarray:
+    """Integrated gradients of several rows at one step count, in batches of path points."""
     import torch
 
     alphas = (np.arange(steps, dtype=np.float64) + 0.5) / steps
-    path = torch.from_numpy(alphas[:, None] * x[None, :]).requires_grad_(True)
-    (grads,) = torch.autograd.grad(net(path).sum(), path)
-    return x * grads.mean(dim=0).numpy()
+    out = np.empty_like(X)
+    rows = max(1, PATH_POINTS // steps)
+    for start in range(0, len(X), rows):
+        x = X[start : start + rows]
+        points = alphas[None, :, None] * x[:, None, :]
+        path = torch.from_numpy(points.reshape(-1, X.shape[1])).requires_grad_(True)
+        (grads,) = torch.autograd.grad(net(path).sum(), path)
+        out[start : start + rows] = x * grads.reshape(len(x), steps, -1).mean(dim=1).numpy()
+    return out
 
 
 def by_column(spec: TaskSpec, values: np.ndarray) -> list[dict[str, float]]:
