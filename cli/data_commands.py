@@ -18,7 +18,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medfed.cli.deid_command import deid
-from medfed.client.consent import ConsentRules
 from medfed.common.atomic import atomic_write_json
 
 data_app = typer.Typer(
@@ -61,6 +60,7 @@ def check(
     from medfed.cli.main import fail
     from medfed.client.data import DataError
     from medfed.client.imaging_data import imaging_report, load_imaging_data
+    from medfed.client.site import consent_rules_of
     from medfed.common.tasks import get_task_spec
 
     console = Console(stderr=json_out)
@@ -81,7 +81,7 @@ def check(
                 samples_per_patient,
                 use_cache=cache,
                 progress=lambda done, total: progress.update(bar, completed=done, total=total),
-                consent=_consent_rules(site_dir),
+                consent=consent_rules_of(site_dir),
             )
     except DataError as exc:
         fail(str(exc))
@@ -94,25 +94,6 @@ def check(
     for table in check_tables(report):
         console.print(table)
     console.print(f"Report written to {path}")
-
-
-def _consent_rules(site_dir: Path) -> ConsentRules:
-    """The consent rules the site's training applies (its policy's, else the defaults)."""
-    from medfed.client.consent import ConsentError, load_consent_rules
-    from medfed.client.data import DataError
-    from medfed.client.policy import POLICY_NAME, PolicyError, SitePolicy, load_policy
-
-    try:
-        policy = load_policy(site_dir / POLICY_NAME)
-        column, listed = policy.consent_column, policy.withdrawn_list
-    except PolicyError:
-        defaults = SitePolicy.model_fields
-        column = defaults["consent_column"].default
-        listed = defaults["withdrawn_list"].default
-    try:
-        return load_consent_rules(site_dir, column, listed)
-    except ConsentError as exc:
-        raise DataError(str(exc)) from None
 
 
 def _guess_task(dicom_root: Path) -> str:

@@ -67,6 +67,24 @@ if TYPE_CHECKING:
 DATA_REPORT_NAME = "data_report.json"
 
 
+def consent_rules_of(site_dir: Path) -> ConsentRules:
+    """The consent rules ``site_dir``'s policy names, or the defaults without a usable one.
+
+    For tools that read a site's data outside a round (``medfed data check``, the pooled
+    reference): they use no patient the site's training may not. DataError when the
+    withdrawn list cannot be read.
+    """
+    try:
+        policy = load_policy(Path(site_dir) / POLICY_NAME)
+    except PolicyError:
+        fields = SitePolicy.model_fields
+        policy = SitePolicy.model_construct(
+            consent_column=fields["consent_column"].default,
+            withdrawn_list=fields["withdrawn_list"].default,
+        )
+    return Site(site_dir).consent_rules(policy)
+
+
 class SiteRefusal(RuntimeError):
     """The site will not train this round; the message says why."""
 

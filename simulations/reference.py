@@ -19,6 +19,7 @@ from flwr.common import EvaluateRes, Status
 
 from medfed.client.data import DataError, load_site_data, split_train_test
 from medfed.client.imaging_data import load_imaging_data, split_by_patient
+from medfed.client.site import consent_rules_of
 from medfed.client.training import evaluate, fit_full_batch, train_plain
 from medfed.common.config import RunSettings
 from medfed.common.models import build_model
@@ -41,7 +42,7 @@ def pooled_reference(
         return _imaging_reference(site_dirs, settings, spec)
     splits, unusable = _site_splits(
         site_dirs,
-        lambda d: load_site_data(d / spec.csv_name, spec),
+        lambda d: load_site_data(d / spec.csv_name, spec, consent=consent_rules_of(d)),
         lambda data: split_train_test(data, settings.test_fraction, settings.seed),
     )
     X = np.concatenate([train.X for train, _ in splits])
@@ -114,7 +115,9 @@ def _imaging_reference(
     """Pooled non-private CNN on every site's training split (same splits as the run)."""
     splits, unusable = _site_splits(
         site_dirs,
-        lambda d: load_imaging_data(d, spec, settings.samples_per_patient),
+        lambda d: load_imaging_data(
+            d, spec, settings.samples_per_patient, consent=consent_rules_of(d)
+        ),
         lambda data: split_by_patient(data, settings.test_fraction, settings.seed),
     )
     X = np.concatenate([train.X for train, _ in splits])

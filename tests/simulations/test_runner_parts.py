@@ -85,3 +85,13 @@ def test_too_few_sites_is_a_clear_error(tmp_path):
     settings = RunSettings(data_root=str(tmp_path), out_dir=str(tmp_path / "out"))
     with pytest.raises(SimulationError, match="at least 2 needed"):
         run(SimulationPlan(settings=settings))
+
+
+def test_pooled_reference_uses_no_withdrawn_patient(tmp_path):
+    """The reference reads each site's data with the site's consent rules."""
+    dirs = generate_risk_sites(3, tmp_path, seed=2, size_scale=0.3)
+    lines = (dirs[2] / "clinical.csv").read_text().splitlines()[1:]
+    (dirs[2] / "withdrawn.txt").write_text("\n".join(line.split(",")[0] for line in lines))
+    ref = pooled_reference(dirs, RunSettings(data_root=str(tmp_path)))
+    assert ref["sites"] == 2
+    assert "no valid rows" in ref["sites_left_out"][str(dirs[2])]
