@@ -111,3 +111,16 @@ def test_simulate_rejects_an_unknown_secure_agg_mode(tmp_path):
     result = runner.invoke(app, ["simulate", "--secure-agg", "none", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "medfed" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "argument_help"),
+    [
+        (["predict", "--help"], "A checkpoint (.npz) or a run folder"),
+        (["audit", "verify", "--help"], "Audit folder: a run's output folder"),
+    ],
+)
+def test_help_explains_the_arguments(args, argument_help):
+    """Positional arguments carry their help (click 8.5 blanked it under flwr's typer)."""
+    out = runner.invoke(app, args, terminal_width=200).output
+    assert argument_help in " ".join(out.split())
