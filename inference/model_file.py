@@ -174,11 +174,28 @@ def _with_record(
         run_dir=run_dir,
         run_id=record.run_id,
         settings=dict(record.settings),
-        metrics=dict(source.aggregate_metrics) if source else {},
+        metrics={**source.aggregate_metrics, **_pooled_rmse(source.site_metrics)} if source else {},
         metrics_round=source.round if source else None,
         final_metrics=dict(record.final_metrics),
         notes=notes,
     )
+
+
+def _pooled_rmse(site_metrics: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The RMSE over all released test patients, exact from each site's RMSE and count.
+
+    ``sqrt(sum n_s rmse_s^2 / sum n_s)``: the aggregate ``rmse`` (a weighted mean of the
+    sites' RMSEs) can only be smaller.
+    """
+    pairs = [
+        (float(m["num_examples"]), float(m["rmse"]))
+        for m in site_metrics.values()
+        if isinstance(m.get("rmse"), (int, float)) and float(m.get("num_examples") or 0) > 0
+    ]
+    total = sum(n for n, _ in pairs)
+    if not pairs or not np.isfinite(total):
+        return {}
+    return {"pooled_rmse": float(np.sqrt(sum(n * r * r for n, r in pairs) / total))}
 
 
 def _checked(weights: list[np.ndarray], meta: dict, checkpoint: Path, **extra: Any) -> LoadedModel:

@@ -46,8 +46,8 @@ BASELINE = (
 INTERVAL_ASSUMPTION = (
     "approximate 95% prediction interval: value +/- 1.96 * RMSE, assuming normally "
     "distributed residuals of the same spread for every patient (homoscedastic); the "
-    "RMSE is the example-weighted mean of the sites' held-out RMSEs for this model, and "
-    "the model's own estimation uncertainty is not included"
+    "RMSE is over all the sites' released held-out patients for this model (from each "
+    "site's RMSE and count), and the model's own estimation uncertainty is not included"
 )
 
 
@@ -235,7 +235,7 @@ def _prediction(
 
 def _interval(model: LoadedModel, spec: TaskSpec, report: TabularReport) -> float | None:
     """Half-width 1.96·RMSE from this model's federated test RMSE, or None with a note."""
-    rmse = model.metrics.get("rmse")
+    rmse = model.metrics.get("pooled_rmse")
     if not isinstance(rmse, (int, float)) or not np.isfinite(rmse) or rmse <= 0:
         report.notes.append(
             "no prediction interval: no run record gives a federated test RMSE for this "
@@ -247,7 +247,8 @@ def _interval(model: LoadedModel, spec: TaskSpec, report: TabularReport) -> floa
         "half_width": Z_95 * float(rmse),
         "rmse": float(rmse),
         "unit": f"{spec.target.name} ({spec.target.low:g}-{spec.target.high:g})",
-        "source": f"{model.run_dir} run.json, round {model.metrics_round} aggregate rmse",
+        "source": f"{model.run_dir} run.json, round {model.metrics_round}: the sites' "
+        "released test RMSEs and counts",
         "assumption": INTERVAL_ASSUMPTION,
     }
     return Z_95 * float(rmse)

@@ -63,6 +63,7 @@ def write_run(
             status="aggregated",
             participants=["hospital-a"],
             aggregate_metrics=metrics,
+            site_metrics={"hospital-a": {"num_examples": len(test), **metrics}},
             checkpoint=str(path.relative_to(out_dir)),
             model_sha256=digest,
         )

@@ -111,3 +111,17 @@ def test_missing_model_and_empty_run_folder(tmp_path):
         load_model(tmp_path / "absent.npz")
     with pytest.raises(PredictError, match="no run record"):
         load_model(tmp_path)
+
+
+def test_pooled_rmse_is_exact_over_the_sites_released_patients():
+    from medfed.inference.model_file import _pooled_rmse
+
+    sites = {
+        "a": {"num_examples": 100, "rmse": 4.0},
+        "b": {"num_examples": 300, "rmse": 8.0},
+        "c": {"suppressed": "test split of 5 is below the minimum cohort"},
+    }
+    pooled = _pooled_rmse(sites)["pooled_rmse"]
+    assert pooled == pytest.approx(((100 * 16 + 300 * 64) / 400) ** 0.5)
+    assert pooled > (100 * 4 + 300 * 8) / 400  # the weighted mean understates it
+    assert _pooled_rmse({"c": sites["c"]}) == {}
