@@ -69,7 +69,7 @@ import numpy as np
 from medfed.audit.one_run import DEFAULT_GUESS_FRACTIONS, audit_scores
 from medfed.client.data import DataError, SiteData, load_site_data, split_train_test
 from medfed.client.policy import POLICY_NAME, SitePolicy, load_policy
-from medfed.client.site import Site
+from medfed.client.site import consent_rules_of
 from medfed.common.config import RunSettings
 from medfed.common.privacy import Spend, calibrate_noise, epsilon_of, steps_per_round
 from medfed.common.tasks import TaskSpec, get_task_spec
@@ -286,7 +286,7 @@ def _site_training_split(
         site_dir / spec.csv_name,
         spec,
         strict=policy.on_bad_row == "error",
-        consent=Site(site_dir).consent_rules(policy),
+        consent=consent_rules_of(site_dir, policy),
     )
     train, _test = split_train_test(data, settings.test_fraction, settings.seed)
     return train

@@ -2,10 +2,12 @@
 
 A site's data may carry a consent column (``consent`` by default, set in ``site.toml``)
 and the site may keep a list of patients who withdrew (``withdrawn.txt`` beside the data,
-one patient id per line, ``#`` comments). A withdrawn patient's record is dropped before
-anything else reads it: before validation, the train/test split, the dataset fingerprint,
-training and evaluation. Nothing about the record is kept but the count, so an excluded
-patient leaves no trace in the model, the ledger or any report beyond "n withdrawn".
+one patient id per line, ``#`` comments). A withdrawn patient's record is dropped as soon
+as the file is parsed: before its cells are validated, the train/test split, the dataset
+fingerprint, training and evaluation. (DICOM is excluded right after its headers are
+read; its pixels have then been decoded into the site's local image cache like any
+image's, and nothing uses them.) Only the count is kept, so an excluded patient leaves
+no trace in the model, the ledger or any report beyond "n withdrawn".
 
 A consent cell that is neither a yes nor a no is not guessed at: the row is not used
 (fail closed) and is reported as a bad row with its line, like any other invalid cell.
@@ -16,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+DEFAULT_CONSENT_COLUMN = "consent"
+DEFAULT_WITHDRAWN_LIST = "withdrawn.txt"
 CONSENT_GIVEN = frozenset({"yes", "y", "true", "1", "given"})
 CONSENT_WITHDRAWN = frozenset({"no", "n", "false", "0", "withdrawn", "refused"})
 
@@ -39,7 +43,7 @@ class ConsentRules:
         The list's file, for reports; None when the site has no list.
     """
 
-    column: str | None = "consent"
+    column: str | None = DEFAULT_CONSENT_COLUMN
     withdrawn: frozenset[str] = frozenset()
     withdrawn_source: Path | None = None
 
@@ -89,7 +93,11 @@ def read_withdrawn_list(path: Path) -> frozenset[str]:
     return frozenset(i for i in ids if i)
 
 
-def load_consent_rules(data_dir: Path, column: str, withdrawn_list: str) -> ConsentRules:
+def load_consent_rules(
+    data_dir: Path,
+    column: str = DEFAULT_CONSENT_COLUMN,
+    withdrawn_list: str = DEFAULT_WITHDRAWN_LIST,
+) -> ConsentRules:
     """The site's rules: its consent column and, when the file exists, its withdrawn list."""
     path = Path(data_dir) / withdrawn_list
     if not path.exists():

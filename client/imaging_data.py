@@ -245,7 +245,8 @@ def load_imaging_data(
     """Read a site's DICOM tree and labels into training-ready samples.
 
     Images of patients who withdrew (``consent``'s list, or a labels.csv row saying no)
-    are dropped right after the headers are read, before selection, the split or any
+    are dropped right after the headers are read (their pixels are decoded into the
+    local image cache like any image's, and then not used), before selection, the split or any
     use of their pixels, and counted per patient. Raises DataError when the site has no
     DICOM folder, no usable labels or no sample.
     """

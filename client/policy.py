@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from medfed.client.consent import DEFAULT_CONSENT_COLUMN, DEFAULT_WITHDRAWN_LIST
 from medfed.common.atomic import atomic_write_text
 from medfed.common.config import RunSettings, describe_validation_error
 from medfed.common.tasks import MODELS, TASKS
@@ -64,11 +65,12 @@ class SitePolicy(BaseModel):
         sees each DP update) must be allowed explicitly.
     consent_column : str
         Column of the site's data (clinical.csv, or labels.csv for imaging) saying
-        whether the patient consents (yes/no); a row saying no is excluded before
-        anything reads it. A file without the column has no per-row consent.
+        whether the patient consents (yes/no); a row saying no is excluded before any
+        of its cells is validated or used. A file without the column has no per-row
+        consent.
     withdrawn_list : str
         File in the data directory listing patients who withdrew (one patient id per
-        line); their records are excluded before anything reads them. Optional.
+        line); their records are excluded before they are validated or used. Optional.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -88,8 +90,8 @@ class SitePolicy(BaseModel):
     allowed_secure_agg: list[Literal["medfed", "flower", "off"]] = Field(
         default_factory=lambda: ["medfed"], min_length=1
     )
-    consent_column: str = Field("consent", min_length=1, max_length=64)
-    withdrawn_list: str = Field("withdrawn.txt", min_length=1, pattern=r"^[^/\\]+$")
+    consent_column: str = Field(DEFAULT_CONSENT_COLUMN, min_length=1, max_length=64)
+    withdrawn_list: str = Field(DEFAULT_WITHDRAWN_LIST, min_length=1, pattern=r"^[^/\\]+$")
 
     def refusal(self, settings: RunSettings) -> str | None:
         """Why this policy forbids ``settings``, or None if it allows them."""

@@ -67,22 +67,24 @@ if TYPE_CHECKING:
 DATA_REPORT_NAME = "data_report.json"
 
 
-def consent_rules_of(site_dir: Path) -> ConsentRules:
-    """The consent rules ``site_dir``'s policy names, or the defaults without a usable one.
+def consent_rules_of(site_dir: Path, policy: SitePolicy | None = None) -> ConsentRules:
+    """The consent rules ``policy`` (else the site's own policy, else the defaults) names.
 
-    For tools that read a site's data outside a round (``medfed data check``, the pooled
-    reference): they use no patient the site's training may not. DataError when the
-    withdrawn list cannot be read.
+    Used by the site's rounds and by every tool that reads a site's data outside a round
+    (``medfed data check``, the empirical audit, the pooled reference), so none uses a
+    patient the site's training may not. DataError when the withdrawn list is unreadable.
     """
+    if policy is None:
+        try:
+            policy = load_policy(Path(site_dir) / POLICY_NAME)
+        except PolicyError:
+            policy = None
     try:
-        policy = load_policy(Path(site_dir) / POLICY_NAME)
-    except PolicyError:
-        fields = SitePolicy.model_fields
-        policy = SitePolicy.model_construct(
-            consent_column=fields["consent_column"].default,
-            withdrawn_list=fields["withdrawn_list"].default,
-        )
-    return Site(site_dir).consent_rules(policy)
+        if policy is None:
+            return load_consent_rules(site_dir)
+        return load_consent_rules(site_dir, policy.consent_column, policy.withdrawn_list)
+    except ConsentError as exc:
+        raise DataError(str(exc)) from None
 
 
 class SiteRefusal(RuntimeError):
@@ -407,7 +409,7 @@ class Site:
             self.data_dir / spec.csv_name,
             spec,
             strict=policy.on_bad_row == "error",
-            consent=self.consent_rules(policy),
+            consent=consent_rules_of(self.data_dir, policy),
         )
         self._write_data_report(data)
         train, test = split_train_test(data, settings.test_fraction, settings.seed)
@@ -425,7 +427,10 @@ class Site:
         )
 
         data = load_imaging_data(
-            self.data_dir, spec, settings.samples_per_patient, consent=self.consent_rules(policy)
+            self.data_dir,
+            spec,
+            settings.samples_per_patient,
+            consent=consent_rules_of(self.data_dir, policy),
         )
         self._write_report(imaging_report(data, self.data_dir))
         if policy.require_deidentified and not all(data.identity_removed):
@@ -439,13 +444,6 @@ class Site:
         return _Prepared(
             policy, train, test, data, imaging_fingerprint(train), entries, self.signing_key()
         )
-
-    def consent_rules(self, policy: SitePolicy) -> ConsentRules:
-        """The site's consent column and withdrawn list; DataError if the list is unreadable."""
-        try:
-            return load_consent_rules(self.data_dir, policy.consent_column, policy.withdrawn_list)
-        except ConsentError as exc:
-            raise DataError(str(exc)) from None
 
     @staticmethod
     def _evidence(prep: _Prepared, spec: object) -> dict[str, str | int | float | bool]:

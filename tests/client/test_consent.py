@@ -1,4 +1,4 @@
-"""Consent: withdrawn patients are dropped before anything reads them, and only counted.
+"""Consent: withdrawn patients are dropped before their records are used, and only counted.
 
 The central test trains one DP round at a site whose data holds withdrawn patients and
 at a site whose data never held them, under the same seed: the updates must be
