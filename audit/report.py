@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from medfed.audit.pitfalls import pitfall_checks
+from medfed.audit.pitfalls import _min_cohorts, pitfall_checks
 from medfed.audit.second_opinion import second_opinion
 from medfed.audit.statements import privacy_statement, threat_model
 from medfed.audit.verify import AuditTrail
@@ -178,12 +178,7 @@ def _group_cohort_check(
     A group under it should never have left the site; a site that attests no minimum
     leaves the check undecided.
     """
-    cohort = {
-        site: e.evidence["min_cohort"]
-        for site, entries in ledgers.items()
-        for e in entries
-        if isinstance(e.evidence.get("min_cohort"), int)
-    }
+    cohort = _min_cohorts(ledgers)
     by_site = fairness.get("by_site")
     sizes = [
         (site, name, group.get("n") if isinstance(group, dict) else None)

@@ -9,7 +9,7 @@ of medfed's code on synthetic data made here (nothing is hard-coded or mocked):
   patients, for a ``logreg`` and an ``mlp`` risk checkpoint trained briefly (non-private, as
   tests/inference/tabular_fixtures.py does) and written by the coordinator's
   ``save_checkpoint``; plain and with ``explain`` (logreg: coef x input; mlp: integrated
-  gradients, one row at a time: ``--ig-max`` caps the CSV it runs on).
+  gradients, rows batched along their paths: ``--ig-max`` caps the CSV it runs on).
 - **predict (CLI)**: one fresh ``medfed predict`` process end to end (interpreter,
   imports, checkpoint, CSV or DICOM, JSON out), beside ``medfed --help`` (the start-up
   floor) and the library figure for the same input.
@@ -214,7 +214,7 @@ def bench_predict(site: Path, checkpoints: dict, root: Path, args) -> list[dict]
                 print(f"  predict {model:<6} n={n:<6} explain={explain!s:<5} "
                       f"{stats['median_s']:.4f} s", flush=True)  # fmt: skip
     for n in (size for size in args.sizes if size > args.ig_max):
-        print(f"  (mlp --explain at n={n} not run: IG is one row at a time; --ig-max {n})")
+        print(f"  (mlp --explain at n={n} not run: above --ig-max {args.ig_max})")
     return rows
 
 
@@ -430,6 +430,7 @@ def bench_fairness(site: Path, checkpoints: dict, root: Path, args) -> dict[str,
 
 def site_fairness_alone(site, settings, weights, fairness_metrics, repeats: int) -> dict:
     """The work fairness adds to evaluate: fairness_metrics on the site's test split."""
+    from medfed.client.training import predict
     from medfed.common.models import build_model
     from medfed.common.params import set_weights
 
@@ -438,7 +439,9 @@ def site_fairness_alone(site, settings, weights, fairness_metrics, repeats: int)
     set_weights(model, weights)
     attributes, edges = settings.fairness_attributes(), settings.age_band_edges()
     stats, _ = measure(
-        lambda: fairness_metrics(model, prep.test, attributes, edges, prep.policy.min_cohort),
+        lambda: fairness_metrics(
+            predict(model, prep.test.X), prep.test, attributes, edges, prep.policy.min_cohort
+        ),
         repeats * 4,
     )
     return stats

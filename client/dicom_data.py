@@ -95,10 +95,11 @@ from pydicom.uid import (
 from scipy.sparse import csr_matrix
 
 from medfed.client.image_cache import ImageCache, combined_hash, content_hash
+from medfed.common.subgroups import DICOM_SEX_CODES
 
 PREPROCESS_VERSION = "2"  # bump when the arrays produced for a given Preprocess change
 HEADER_VERSION = "2"  # bump when what a Header holds, or how a field is read, changes
-SEXES = ("F", "M")  # Patient's Sex values used as groups; O, other or absent: unknown
+SEXES = tuple(DICOM_SEX_CODES)  # Patient's Sex values used as groups; O, other, absent: unknown
 AGE_UNIT_YEARS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 MAX_AGE_YEARS = 150.0  # a larger Patient's Age is taken as a bad value (unknown)
 QUARANTINE_KINDS = (

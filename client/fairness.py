@@ -54,8 +54,6 @@ from medfed.common.subgroups import (
 from medfed.common.tasks import Column, ImagingSpec, TaskSpec
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from medfed.client.data import SiteData
     from medfed.client.imaging_data import ImagingData
 
@@ -70,25 +68,21 @@ IMAGING_UNKNOWN = (
 
 
 def fairness_metrics(
-    model: nn.Module,
+    outputs: np.ndarray,
     test: SiteData | ImagingData,
     attributes: tuple[str, ...],
     age_edges: tuple[int, ...],
     min_cohort: int,
 ) -> dict[str, str]:
-    """The ``fairness`` metric of the model on a site's test split (one JSON string)."""
-    from medfed.client.training import predict
+    """The ``fairness`` metric (one JSON string) of the model's ``outputs`` on ``test``.
 
+    ``outputs`` are the raw outputs the site's evaluation computed on its test split.
+    """
     if isinstance(test.spec, ImagingSpec):
-        if any(_imaging_known(test.sex, test.age_years, a) for a in attributes):
-            outputs = predict(model, test.X)
-        else:
-            outputs = np.zeros(len(test.y))  # no group to evaluate: the model is not run
         payload = imaging_fairness(
             test.y, outputs, test.spec, test.sex, test.age_years, attributes, age_edges, min_cohort
         )
         return {FAIRNESS_KEY: encode(payload)}
-    outputs = predict(model, test.X)
     payload = site_fairness(test.X, test.y, outputs, test.spec, attributes, age_edges, min_cohort)
     return {FAIRNESS_KEY: encode(payload)}
 

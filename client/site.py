@@ -357,7 +357,7 @@ class Site:
         set, the released metrics include per-subgroup aggregates (``fairness``, see
         :mod:`medfed.client.fairness`), each group over at least the minimum cohort.
         """
-        from medfed.client.training import evaluate
+        from medfed.client.training import evaluate, predict
         from medfed.common.models import build_model
         from medfed.common.params import set_weights
 
@@ -382,7 +382,8 @@ class Site:
             if spec.is_binary
             else float(decode_target(spec, np.ones(1))[0] - decode_target(spec, np.zeros(1))[0])
         )
-        metrics = evaluate(model, prep.test.X, prep.test.y, spec.is_binary, span)
+        outputs = predict(model, prep.test.X)
+        metrics = evaluate(model, prep.test.X, prep.test.y, spec.is_binary, span, outputs)
         attributes = settings.fairness_attributes()
         if attributes:
             # Per-subgroup aggregates; groups under the minimum cohort are withheld.
@@ -390,7 +391,7 @@ class Site:
 
             info.update(
                 fairness_metrics(
-                    model,
+                    outputs,
                     prep.test,
                     attributes,
                     settings.age_band_edges(),

@@ -206,13 +206,19 @@ def predict(model: nn.Module, X: np.ndarray) -> np.ndarray:
 
 
 def evaluate(
-    model: nn.Module, X: np.ndarray, y: np.ndarray, binary: bool, target_span: float = 1.0
+    model: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    binary: bool,
+    target_span: float = 1.0,
+    outputs: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Aggregate metrics over (X, y): loss and AUC/accuracy, or MAE/RMSE/R2.
 
-    ``target_span`` converts scaled regression errors back to clinical units.
+    ``target_span`` converts scaled regression errors back to clinical units;
+    ``outputs``, when the caller already has ``predict(model, X)``, are used as they are.
     """
-    out = predict(model, X)
+    out = predict(model, X) if outputs is None else outputs
     criterion = loss_function(binary)
     loss = float(criterion(torch.from_numpy(out), torch.from_numpy(y)))
     if binary:
