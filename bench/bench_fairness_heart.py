@@ -122,13 +122,15 @@ def run_federation(settings) -> tuple[dict[str, Any], list[np.ndarray], Path]:
 def site_splits(settings) -> dict[str, tuple[Any, Any]]:
     """Each hospital's (train, test) split, read from the run's own site folders."""
     from medfed.client.data import load_site_data, split_train_test
+    from medfed.client.site import consent_rules_of
     from medfed.common.tasks import get_task_spec
     from medfed.simulations.heart_disease import HOSPITALS
 
     spec = get_task_spec("risk", "heart-disease")
     splits = {}
     for i, hospital in enumerate(HOSPITALS):
-        data = load_site_data(Path(settings.data_root) / f"site-{i}" / spec.csv_name, spec)
+        site_dir = Path(settings.data_root) / f"site-{i}"
+        data = load_site_data(site_dir / spec.csv_name, spec, consent=consent_rules_of(site_dir))
         splits[hospital] = split_train_test(data, settings.test_fraction, settings.seed)
     return splits
 
@@ -151,32 +153,20 @@ def new_model(settings):
 
 
 def train_local_dp(train, settings, seed: int) -> tuple[Any, dict[str, Any]]:
-    """DP-SGD at one hospital alone, for the run's rounds, at the noise a site would use."""
-    import torch
+    """DP-SGD at one hospital alone, for the run's rounds, at the noise a site would use.
 
-    from medfed.client.training import DPSettings, train_dp
-    from medfed.common.params import get_weights, set_weights
+    The rounds are the empirical audit's (``medfed.audit.empirical``): a fresh model per
+    round with the last weights, as a site builds one, the draws seeded by ``seed``.
+    """
+    from medfed.audit.empirical import _train_rounds
     from medfed.common.privacy import calibrate_noise, epsilon_of, steps_per_round
+    from medfed.common.tasks import HEART_DISEASE_RISK
 
     rate, steps = steps_per_round(len(train), settings.batch_size, settings.local_epochs)
     noise = calibrate_noise(settings.epsilon, settings.delta, rate, steps * settings.num_rounds)
-    dp = DPSettings(
-        noise_multiplier=noise,
-        max_grad_norm=settings.max_grad_norm,
-        batch_size=settings.batch_size,
-        local_epochs=settings.local_epochs,
-        learning_rate=settings.learning_rate,
+    model, spends = _train_rounds(
+        settings, HEART_DISEASE_RISK, train.X, train.y, noise, seed, lambda _: None
     )
-    torch.manual_seed(seed)
-    weights = get_weights(new_model(settings))
-    spends = []
-    for _ in range(settings.num_rounds):  # a fresh model per round, as a site builds one
-        model = new_model(settings)
-        set_weights(model, weights)
-        spends.append(train_dp(model, train.X, train.y, True, dp)[0])
-        weights = get_weights(model)
-    model = new_model(settings)
-    set_weights(model, weights)
     return model, {
         "noise_multiplier": noise,
         "epsilon": epsilon_of(spends, settings.delta),

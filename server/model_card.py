@@ -124,6 +124,7 @@ def _iso(seconds: float | None) -> str | None:
 def _model_details(data: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     s = data["settings"]
     rounds = data["rounds"]
+    inputs = _inputs(s)
     return {
         "run_id": data["run_id"],
         "flower_run_id": data.get("flower_run_id", ""),
@@ -132,8 +133,8 @@ def _model_details(data: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "task": s.get("task"),
         "dataset": s.get("dataset"),
         "model": s.get("model"),
-        "architecture": _architecture(s),
-        "inputs": _inputs(s),
+        "architecture": _architecture(s, inputs),
+        "inputs": inputs,
         "rounds_planned": s.get("num_rounds"),
         "rounds_recorded": len(rounds),
         "rounds_aggregated": sum(r.get("status") == "aggregated" for r in rounds),
@@ -167,9 +168,9 @@ def _inputs(settings: dict[str, Any]) -> dict[str, Any]:
     return {"features": spec.feature_names()}
 
 
-def _architecture(settings: dict[str, Any]) -> str:
+def _architecture(settings: dict[str, Any], inputs: dict[str, Any]) -> str:
     name, task = settings.get("model"), settings.get("task")
-    n = len(_inputs(settings).get("features", [])) or "the task's"
+    n = len(inputs.get("features", [])) or "the task's"
     head = "a logit (sigmoid for the probability)" if task != "rehab" else "a value"
     descriptions = {
         "logreg": f"{'linear' if task == 'rehab' else 'logistic'} regression: one linear "
