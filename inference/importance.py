@@ -2,7 +2,8 @@
 
 The held-out split is the one training used: :func:`split_train_test` with the run's
 ``test_fraction`` and ``seed`` (from run.json; with only a checkpoint, its seed and a
-given test fraction), over the site's CSV read under its policy (``on_bad_row``). When
+given test fraction), over the site's CSV read under its policy (``on_bad_row``) and its
+consent rules (:func:`consent_rules_of`: a withdrawn patient is never read). When
 the site's ledger recorded the run, the training part's fingerprint is compared with
 the ledger's, so a changed dataset is noticed.
 
@@ -38,6 +39,7 @@ from medfed.client.data import (
     split_train_test,
 )
 from medfed.client.policy import POLICY_NAME, PolicyError, SitePolicy, load_policy
+from medfed.client.site import consent_rules_of
 from medfed.common.atomic import atomic_write_json
 from medfed.common.ledger import LEDGER_NAME, LedgerError, read_ledger
 from medfed.common.tasks import TaskSpec
@@ -96,7 +98,12 @@ def site_importance(
     policy = _policy(site_dir, model)
     fraction, split_seed, notes = _split_settings(model, test_fraction)
     try:
-        data = load_site_data(site_dir / spec.csv_name, spec, strict=policy.on_bad_row == "error")
+        data = load_site_data(
+            site_dir / spec.csv_name,
+            spec,
+            strict=policy.on_bad_row == "error",
+            consent=consent_rules_of(site_dir, policy),
+        )
     except DataError as exc:
         raise PredictError(str(exc)) from None
     train, test = split_train_test(data, fraction, split_seed)

@@ -104,7 +104,7 @@ def _from_run_folder(run_dir: Path) -> LoadedModel:
     last = max(done, key=lambda r: r.round)
     checkpoint = run_dir / last.checkpoint
     weights, meta = _read_checkpoint(checkpoint, last.model_sha256 or None)
-    return _with_record(weights, meta, checkpoint, run_dir, record, ())
+    return _with_record(weights, meta, checkpoint, run_dir, record)
 
 
 def _from_checkpoint(checkpoint: Path) -> LoadedModel:
@@ -128,7 +128,7 @@ def _from_checkpoint(checkpoint: Path) -> LoadedModel:
     if not any(r.model_sha256 == meta["sha256"] for r in record.rounds):
         note = f"{run_dir / RUN_RECORD_NAME} does not record this model; its metrics are not used"
         return _checked(weights, meta, checkpoint, notes=(note,))
-    return _with_record(weights, meta, checkpoint, run_dir, record, ())
+    return _with_record(weights, meta, checkpoint, run_dir, record)
 
 
 def _read_record(run_dir: Path) -> RunRecord:
@@ -162,7 +162,6 @@ def _with_record(
     checkpoint: Path,
     run_dir: Path,
     record: RunRecord,
-    notes: tuple[str, ...],
 ) -> LoadedModel:
     mine = [r for r in record.rounds if r.model_sha256 == meta["sha256"]]
     released = [r for r in mine if r.aggregate_metrics]
@@ -177,7 +176,6 @@ def _with_record(
         metrics={**source.aggregate_metrics, **_pooled_rmse(source.site_metrics)} if source else {},
         metrics_round=source.round if source else None,
         final_metrics=dict(record.final_metrics),
-        notes=notes,
     )
 
 

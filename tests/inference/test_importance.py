@@ -99,6 +99,19 @@ def test_held_out_split_is_the_one_training_used(tmp_path):
     assert report.min_cohort == 20
 
 
+def test_withdrawn_patients_are_left_out_as_in_training(tmp_path):
+    from medfed.client.site import consent_rules_of
+
+    site = known_site(tmp_path)
+    (site / "withdrawn.txt").write_text("".join(f"K{i:05d}\n" for i in range(0, PATIENTS, 6)))
+    run = trained(tmp_path, site, "risk", "logreg")
+    report = site_importance(load_model(run), site, repeats=2)
+    data = load_site_data(site / "clinical.csv", SYNTHETIC_RISK, consent=consent_rules_of(site))
+    assert len(data) == PATIENTS - PATIENTS // 6
+    _, test = split_train_test(data, TEST_FRACTION, SEED)
+    assert report.held_out_patients == len(test) < PATIENTS * TEST_FRACTION
+
+
 def test_result_is_written_at_the_site_with_aggregates_only(tmp_path):
     site = known_site(tmp_path)
     report = site_importance(load_model(trained(tmp_path, site, "risk", "mlp")), site, repeats=3)
