@@ -63,7 +63,9 @@ def predict(
         help="risk/rehab: each input's contribution to each prediction (linear model: "
         "coefficient x input, exact; MLP: integrated gradients), against the baseline "
         "of every input at the middle of its public range. xray/ct: a Grad-CAM PNG "
-        f"over each image, in --saliency-dir (default ./{DEFAULT_SALIENCY_DIR}).",
+        f"over each image, in --saliency-dir (default ./{DEFAULT_SALIENCY_DIR}); plain "
+        "gradient saliency where the last feature map is a single cell (the PNG's title "
+        "names the method).",
     ),
     saliency_dir: Path | None = typer.Option(
         None, "--saliency-dir", help="xray/ct: write Grad-CAM PNGs here (implies --explain)."

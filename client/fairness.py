@@ -303,8 +303,7 @@ def expected_calibration_error(y: np.ndarray, prob: np.ndarray, bins: int = ECE_
 
 def regression_metrics(y: np.ndarray, out: np.ndarray, spec: TaskSpec) -> dict[str, Any]:
     """MAE, RMSE and bias (mean of predicted minus observed) in the target's units."""
-    span = spec.target.high - spec.target.low
-    err = (out - y) * span
+    err = (out - y) * spec.target_span
     return {
         "n": len(y),
         "mae": float(np.mean(np.abs(err))),

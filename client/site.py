@@ -26,7 +26,6 @@ from medfed.client.consent import ConsentError, ConsentRules, load_consent_rules
 from medfed.client.data import (
     DataError,
     SiteData,
-    decode_target,
     fingerprint,
     load_site_data,
     split_train_test,
@@ -377,13 +376,10 @@ class Site:
         if n < prep.policy.min_cohort:
             info[SUPPRESSED_KEY] = f"test split of {n} is below the minimum cohort"
             return 0.0, 0, info
-        span = (
-            1.0
-            if spec.is_binary
-            else float(decode_target(spec, np.ones(1))[0] - decode_target(spec, np.zeros(1))[0])
-        )
         outputs = predict(model, prep.test.X)
-        metrics = evaluate(model, prep.test.X, prep.test.y, spec.is_binary, span, outputs)
+        metrics = evaluate(
+            model, prep.test.X, prep.test.y, spec.is_binary, spec.target_span, outputs
+        )
         attributes = settings.fairness_attributes()
         if attributes:
             # Per-subgroup aggregates; groups under the minimum cohort are withheld.

@@ -99,6 +99,11 @@ class TaskSpec:
     def is_binary(self) -> bool:
         return self.task == "risk"
 
+    @property
+    def target_span(self) -> float:
+        """Scaled target to clinical units: 1 for a binary task, the target's range else."""
+        return 1.0 if self.is_binary else float(self.target.high - self.target.low)
+
     def feature_names(self) -> list[str]:
         return [n for c in self.columns for n in c.feature_names()]
 
@@ -153,6 +158,10 @@ class ImagingSpec:
     @property
     def is_binary(self) -> bool:
         return True
+
+    @property
+    def target_span(self) -> float:
+        return 1.0
 
     @property
     def is_volume(self) -> bool:

@@ -245,7 +245,7 @@ def _coefficients(spec: TaskSpec, net) -> list[dict[str, Any]]:
     On the logit scale for risk, in target units (per encoded unit) for rehab; a numeric
     input's encoded unit is half its public range.
     """
-    span = 1.0 if spec.is_binary else float(spec.target.high - spec.target.low)
+    span = spec.target_span
     weight = net.linear.weight.detach().numpy()[0].astype(float) * span
     rows = [
         {"feature": name, "coefficient": float(w)}

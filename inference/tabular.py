@@ -210,7 +210,7 @@ def predict_tabular(
     out = raw_outputs(net, data.X)
     report = TabularReport(model, path, [], invalid_rows=list(data.skipped))
     report.notes.extend(model.notes)
-    span = 1.0 if spec.is_binary else float(spec.target.high - spec.target.low)
+    span = spec.target_span
     half_width = _interval(model, spec, report) if not spec.is_binary else None
     contributions = explain_rows(model, net, data.X) if explain else None
     if contributions is not None:

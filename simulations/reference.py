@@ -64,7 +64,7 @@ def pooled_reference(
             seed=settings.seed,
         )
         how = f"mini-batch SGD, {MLP_EPOCHS} epochs, batch 64, learning rate 0.1"
-    span = 1.0 if spec.is_binary else spec.target.high - spec.target.low
+    span = spec.target_span
     tests = [test for _, test in splits]
     return _summarise(model, tests, spec.is_binary, span, how, unusable, len(y))
 

@@ -93,3 +93,10 @@ def test_imaging_specs_give_the_model_input_shape():
     assert not isinstance(get_task_spec("risk", "synthetic"), ImagingSpec)
     with pytest.raises(ValueError, match="task='xray', dataset='heart-disease'"):
         get_task_spec("xray", "heart-disease")
+
+
+def test_target_span_turns_scaled_targets_into_clinical_units():
+    from medfed.common.tasks import SYNTHETIC_REHAB, SYNTHETIC_RISK, SYNTHETIC_XRAY
+
+    assert SYNTHETIC_RISK.target_span == 1.0 and SYNTHETIC_XRAY.target_span == 1.0
+    assert SYNTHETIC_REHAB.target_span == 100.0
